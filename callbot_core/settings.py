@@ -1,0 +1,97 @@
+"""One settings object, read once from `CALLBOT_*` environment variables and a `.env` file."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+# Relative paths (the runtime folder, a relative SQLite file) are resolved against the project
+# root rather than the current directory, so `.venv/bin/callbot` finds the same store from anywhere.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+SECRET_KEY_FILE = "secret_key"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CALLBOT_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    env: Literal["development", "production", "test"] = "development"
+    runtime_dir: Path = Path("data/runtime")
+    database_url: str = "sqlite:///data/runtime/callbot.db"
+    secret_key: SecretStr | None = None
+
+    llm_backend: str = "embedded"
+    llm_model: str | None = None
+    gguf_path: Path | None = None
+    # Context window of the embedded model; remote backends do not report theirs, so we assume one.
+    embedded_n_ctx: int = Field(2048, ge=256)
+    remote_context_window: int = Field(4096, ge=256)
+    embedded_threads: int | None = None
+
+    ollama_url: str = "http://127.0.0.1:11434"
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_api_key: SecretStr | None = None
+
+    llm_connect_timeout_s: float = Field(5.0, gt=0)
+    # Longest silence allowed between two chunks of a stream (and before the first one).
+    llm_read_timeout_s: float = Field(60.0, gt=0)
+
+    max_message_chars: int = Field(8000, ge=1)
+
+    def resolved_runtime_dir(self) -> Path:
+        path = self.runtime_dir if self.runtime_dir.is_absolute() else PROJECT_ROOT / self.runtime_dir
+        return path
+
+    def resolved_database_url(self) -> str:
+        """The database URL with a relative SQLite path made absolute against the project root."""
+        url = self.database_url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith("sqlite:////"):
+            rel = url[len(prefix) :]
+            if rel and rel != ":memory:" and not rel.startswith(":"):
+                url = prefix + str(PROJECT_ROOT / rel)
+        return url
+
+    def secret(self) -> str:
+        """The signing secret: configured, or generated once into the runtime folder in development.
+
+        Never random per restart: a new secret would sign everyone out and break stored signatures.
+        """
+        if self.secret_key is not None and self.secret_key.get_secret_value():
+            return self.secret_key.get_secret_value()
+        if self.env == "production":
+            raise ConfigError("CALLBOT_SECRET_KEY must be set when CALLBOT_ENV=production")
+        return _read_or_create_secret(self.resolved_runtime_dir() / SECRET_KEY_FILE)
+
+
+def _read_or_create_secret(path: Path) -> str:
+    if path.exists():
+        value = path.read_text(encoding="utf-8").strip()
+        if value:
+            return value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(48)
+    # O_EXCL so two processes starting at once cannot each write a different secret.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip()
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(value + "\n")
+    return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,97 @@
+"""Opening the store: one engine per URL, SQLite tuned for a single machine, migrations to head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..errors import ConfigError
+from ..settings import PROJECT_ROOT, Settings, get_settings
+from . import guards  # noqa: F401  (registers the ORM guards)
+
+MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    if url.startswith("sqlite"):
+        db_path = url.split("///", 1)[-1]
+        if db_path and not db_path.startswith(":"):
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # Foreign keys are off by default in SQLite; WAL lets the app read while a turn is written,
+            # and synchronous=NORMAL makes a commit cost well under a millisecond.
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql"):
+        return create_engine(url, pool_pre_ping=True, **kwargs)
+    raise ConfigError(f"Unsupported CALLBOT_DATABASE_URL {url!r}: use sqlite:///… or postgresql+psycopg://…")
+
+
+class Store:
+    """An engine and its session factory. Sessions do not expire on commit: rows stay readable."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def is_migrated(self) -> bool:
+        return inspect(self.engine).has_table("alembic_version")
+
+    def alembic_config(self) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        # Percent signs in a URL (encoded passwords) would be read as interpolation by configparser.
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        cfg.attributes["engine"] = self.engine
+        return cfg
+
+    def upgrade(self) -> None:
+        """Migrate to head, then seed what a fresh store needs (the default personas)."""
+        from alembic import command
+
+        from ..personas import seed_default_personas
+
+        command.upgrade(self.alembic_config(), "head")
+        seed_default_personas(self)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+_stores: dict[str, Store] = {}
+
+
+def open_store(settings: Settings | None = None, url: str | None = None) -> Store:
+    """The process-wide store for the configured (or given) URL."""
+    url = url or (settings or get_settings()).resolved_database_url()
+    store = _stores.get(url)
+    if store is None:
+        store = _stores[url] = Store(url)
+    return store

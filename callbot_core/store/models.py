@@ -1,0 +1,201 @@
+"""The SQL store's tables, as SQLAlchemy 2 models. Alembic migrations in `migrations/` mirror them.
+
+Types are chosen to mean the same on SQLite and PostgreSQL: timezone-aware timestamps, plain strings
+with CHECK constraints instead of native enums (a native enum would need extra migrations on PostgreSQL
+to grow, and does not exist on SQLite).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from .types import UTCDateTime
+
+ROLES = ("admin", "researcher", "viewer")
+CHANNELS = ("text", "voice", "api", "simulated")
+CONVERSATION_STATUSES = ("active", "ended")
+MESSAGE_ROLES = ("system", "user", "assistant")
+
+# Named constraints so migrations can refer to them the same way on both databases.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint(_in("role", ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    email: Mapped[str | None] = mapped_column(String(320))
+    password_hash: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(20), default="researcher")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Persona(Base):
+    __tablename__ = "personas"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    archived: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    versions: Mapped[list[PersonaVersion]] = relationship(
+        back_populates="persona", order_by="PersonaVersion.version"
+    )
+
+
+class PersonaVersion(Base):
+    """One immutable-once-used configuration of a persona (see `store.guards`)."""
+
+    __tablename__ = "persona_versions"
+    __table_args__ = (
+        UniqueConstraint("persona_id", "version", name="uq_persona_versions_persona_version"),
+        CheckConstraint("temperature >= 0 AND temperature <= 2", name="temperature"),
+        CheckConstraint("top_p > 0 AND top_p <= 1", name="top_p"),
+        CheckConstraint("max_tokens > 0", name="max_tokens"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    system_prompt: Mapped[str] = mapped_column(Text)
+    greeting: Mapped[str] = mapped_column(Text, default="")
+    temperature: Mapped[float] = mapped_column(Float, default=0.7)
+    top_p: Mapped[float] = mapped_column(Float, default=0.95)
+    max_tokens: Mapped[int] = mapped_column(Integer, default=256)
+    # None means "the configured default", so a persona follows CALLBOT_LLM_BACKEND unless pinned.
+    backend: Mapped[str | None] = mapped_column(String(40))
+    model: Mapped[str | None] = mapped_column(String(200))
+    voice: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    persona: Mapped[Persona] = relationship(back_populates="versions")
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    __table_args__ = (
+        CheckConstraint(_in("channel", CHANNELS), name="channel"),
+        CheckConstraint(_in("status", CONVERSATION_STATUSES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # NULL user: started from the command line without signing in.
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    persona_version_id: Mapped[int] = mapped_column(ForeignKey("persona_versions.id"), index=True)
+    backend: Mapped[str] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(200))
+    channel: Mapped[str] = mapped_column(String(20), default="text")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(20), default="active")
+    summary_short: Mapped[str | None] = mapped_column(Text)
+    summary_full: Mapped[str | None] = mapped_column(Text)
+
+    persona_version: Mapped[PersonaVersion] = relationship()
+    user: Mapped[User | None] = relationship()
+    messages: Mapped[list[Message]] = relationship(
+        back_populates="conversation",
+        order_by="Message.id",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    __table_args__ = (
+        CheckConstraint(_in("role", MESSAGE_ROLES), name="role"),
+        Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(20))
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    token_count: Mapped[int | None] = mapped_column(Integer)
+
+    conversation: Mapped[Conversation] = relationship(back_populates="messages")
+
+
+class TurnMetrics(Base):
+    """One row per turn. A failed turn has `error` set and no assistant message."""
+
+    __tablename__ = "turn_metrics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), index=True
+    )
+    user_message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), unique=True)
+    assistant_message_id: Mapped[int | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), unique=True
+    )
+    backend: Mapped[str] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(200))
+    ttft_ms: Mapped[float | None] = mapped_column(Float)
+    total_ms: Mapped[float | None] = mapped_column(Float)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float)
+    backend_prompt_eval_ms: Mapped[float | None] = mapped_column(Float)
+    backend_eval_ms: Mapped[float | None] = mapped_column(Float)
+    backend_load_ms: Mapped[float | None] = mapped_column(Float)
+    backend_total_ms: Mapped[float | None] = mapped_column(Float)
+    # How many history messages were dropped to fit the context window: trimming is visible, not silent.
+    trimmed_messages: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AuditLog(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    actor: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str | None] = mapped_column(String(200))
+    detail: Mapped[dict | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    client_addr: Mapped[str | None] = mapped_column(String(64))
