@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -18,6 +19,18 @@ from .models import resolve_gguf_path
 # after a load is ~3x slower, so every later conversation should reuse a warmed model.
 _models: dict[tuple[str, int], Any] = {}
 _models_lock = threading.Lock()
+
+
+def _close_all() -> None:
+    # Free models before interpreter shutdown: llama-cpp-python's __del__ fails noisily once the
+    # C library's globals are already torn down.
+    with _models_lock:
+        for llm in _models.values():
+            llm.close()
+        _models.clear()
+
+
+atexit.register(_close_all)
 
 
 def load_llama(path: Path, n_ctx: int, n_threads: int | None = None) -> Any:
