@@ -5,18 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from fake_ollama import FakeOllama, down_url
 
 from callbot_core.errors import BackendError, BackendResponseError, BackendTimeout, BackendUnavailable
 from callbot_core.llm.base import ChatMessage, GenerationParams, LLMBackend, Token
 from callbot_core.llm.ollama import OllamaBackend
+from tests.fake_ollama import FakeOllama, down_url
 
 HELLO = [ChatMessage("system", "You are brief."), ChatMessage("user", "Hi")]
 
 
-def backend_for(
-    url: str, *, model: str | None = "smollm2:135m", read_timeout_s: float = 0.5
-) -> OllamaBackend:
+def backend_for(url: str, *, model: str | None = "smollm2:135m", read_timeout_s: float = 0.5) -> OllamaBackend:
     return OllamaBackend(
         url, default_model=model, connect_timeout_s=1.0, read_timeout_s=read_timeout_s, context_window=2048
     )
