@@ -152,9 +152,7 @@ def _print_summaries(summaries: object) -> None:
 
 @cli.command()
 @click.option("--persona", default="assistant", show_default=True, help="Persona key, or key@version.")
-@click.option(
-    "--backend", default=None, help="embedded, ollama or openai (default: persona's, then configured)."
-)
+@click.option("--backend", default=None, help="embedded, ollama or openai (default: persona's, then configured).")
 @click.option("--model", default=None, help="Model name on that backend.")
 @click.option("--message", "-m", default=None, help="Send one message, print the reply and exit.")
 @click.option("--end", "end_after", is_flag=True, help="With --message: end the conversation and summarise.")
@@ -168,8 +166,7 @@ def chat(persona: str, backend: str | None, model: str | None, message: str | No
     service = ConversationService(store=_store())
     info = service.start(persona, backend=backend, model=model, channel="text")
     click.secho(
-        f"Conversation {info.id} with {info.persona_key}@{info.persona_version} "
-        f"on {info.backend} ({info.model})",
+        f"Conversation {info.id} with {info.persona_key}@{info.persona_version} on {info.backend} ({info.model})",
         dim=True,
     )
     if message is not None:
@@ -297,10 +294,7 @@ def search_cmd(query: str, limit: int) -> None:
     click.echo(
         _table(
             ["conversation", "where", "when", "snippet"],
-            [
-                (h.conversation_id, h.role or h.source, h.created_at.strftime("%Y-%m-%d %H:%M"), h.snippet)
-                for h in hits
-            ],
+            [(h.conversation_id, h.role or h.source, h.created_at.strftime("%Y-%m-%d %H:%M"), h.snippet) for h in hits],
         )
     )
 

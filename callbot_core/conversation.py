@@ -120,9 +120,7 @@ class TurnStream:
             timer.finish()
         except GeneratorExit:
             timer.finish()
-            self.result = self._service._store_failure(
-                plan, timer, "interrupted: the reply was not read to the end"
-            )
+            self.result = self._service._store_failure(plan, timer, "interrupted: the reply was not read to the end")
             raise
         except CallbotError as exc:
             timer.finish()
@@ -212,9 +210,7 @@ class ConversationService:
 
     # -- turns ----------------------------------------------------------------------------------
 
-    def send(
-        self, conversation_id: int, text: object, *, params: GenerationParams | None = None
-    ) -> TurnStream:
+    def send(self, conversation_id: int, text: object, *, params: GenerationParams | None = None) -> TurnStream:
         """Validate a user turn and prepare it; iterate the returned stream to run it.
 
         Everything that can be refused is refused here, before anything is stored.
@@ -233,8 +229,7 @@ class ConversationService:
             system_prompt = version.system_prompt
         user_tokens = llm.count_tokens(user_text, conversation.model)
         history = [
-            h if h.tokens >= 0 else replace(h, tokens=llm.count_tokens(h.text, conversation.model))
-            for h in history
+            h if h.tokens >= 0 else replace(h, tokens=llm.count_tokens(h.text, conversation.model)) for h in history
         ]
         messages, trimmed = build_prompt(
             system_prompt,
@@ -271,9 +266,7 @@ class ConversationService:
                 token_count=plan.user_tokens,
                 created_at=plan.started_at,
             )
-            bot_msg = Message(
-                conversation_id=plan.conversation_id, role="assistant", text=text, token_count=completion
-            )
+            bot_msg = Message(conversation_id=plan.conversation_id, role="assistant", text=text, token_count=completion)
             session.add_all([user_msg, bot_msg])
             session.flush()
             session.add(

@@ -112,9 +112,7 @@ def parse_persona_ref(ref: str) -> tuple[str, int | None]:
     key, _, version = ref.partition("@")
     key = key.strip()
     if not key:
-        raise InvalidInput(
-            "Persona reference is empty: give a key such as 'receptionist' or 'receptionist@2'"
-        )
+        raise InvalidInput("Persona reference is empty: give a key such as 'receptionist' or 'receptionist@2'")
     if not version:
         return key, None
     try:

@@ -21,9 +21,7 @@ SECRET_KEY_FILE = "secret_key"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CALLBOT_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="CALLBOT_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     env: Literal["development", "production", "test"] = "development"
     runtime_dir: Path = Path("data/runtime")

@@ -56,15 +56,11 @@ def _complete(llm: LLMBackend, model: str, system: str, transcript: str, params:
     ]
     text = "".join(t.text for t in llm.stream(messages, params, model=model)).strip()
     if not text:
-        raise BackendError(
-            f"{llm.name} model {model} returned an empty summary", backend=llm.name, where=llm.where
-        )
+        raise BackendError(f"{llm.name} model {model} returned an empty summary", backend=llm.name, where=llm.where)
     return text
 
 
-def summarise_transcript(
-    llm: LLMBackend, model: str, bot_name: str, history: Sequence[PastMessage]
-) -> SummaryTexts:
+def summarise_transcript(llm: LLMBackend, model: str, bot_name: str, history: Sequence[PastMessage]) -> SummaryTexts:
     if not any(m.role == "user" for m in history):
         return SummaryTexts(NO_TURNS, NO_TURNS)
     lines = transcript_lines(history, bot_name)

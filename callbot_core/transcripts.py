@@ -229,9 +229,7 @@ def search(store: Store, query: str, *, limit: int = 50) -> list[SearchHit]:
             msg_match = func.to_tsvector("english", Message.text).op("@@")(ts_query)
             sum_match = func.to_tsvector(
                 "english",
-                func.coalesce(Conversation.summary_short, "")
-                + " "
-                + func.coalesce(Conversation.summary_full, ""),
+                func.coalesce(Conversation.summary_short, "") + " " + func.coalesce(Conversation.summary_full, ""),
             ).op("@@")(ts_query)
         else:
             pattern = _like_pattern(query)
@@ -259,9 +257,7 @@ def search(store: Store, query: str, *, limit: int = 50) -> list[SearchHit]:
             .order_by(Conversation.id.desc())
             .limit(limit)
         ):
-            hits.append(
-                SearchHit(cid, "summary", None, None, _snippet(f"{short or ''} {full or ''}", query), started)
-            )
+            hits.append(SearchHit(cid, "summary", None, None, _snippet(f"{short or ''} {full or ''}", query), started))
     hits.sort(key=lambda h: h.created_at, reverse=True)
     return hits[:limit]
 

@@ -21,7 +21,6 @@ def clean_message(text: object, *, max_chars: int) -> str:
         raise InvalidInput("The message is empty: type something to say to the bot")
     if len(text) > max_chars:
         raise InvalidInput(
-            f"The message is too long: {len(text):,} characters, the limit is {max_chars:,} "
-            "(CALLBOT_MAX_MESSAGE_CHARS)"
+            f"The message is too long: {len(text):,} characters, the limit is {max_chars:,} (CALLBOT_MAX_MESSAGE_CHARS)"
         )
     return text

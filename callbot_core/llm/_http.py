@@ -55,9 +55,7 @@ def make_client(
         pool=connect_timeout_s,
     )
     # trust_env=False: a proxy from the environment must not capture calls to a local model server.
-    return httpx.Client(
-        base_url=base_url.rstrip("/"), timeout=timeout, headers=dict(headers or {}), trust_env=False
-    )
+    return httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers=dict(headers or {}), trust_env=False)
 
 
 def _reason(exc: BaseException) -> str:
@@ -95,9 +93,7 @@ def trim_body(text: str) -> str:
     return message or "(empty body)"
 
 
-def status_error(
-    ep: Endpoint, status: int, body: str, hints: Mapping[int, str] | None = None
-) -> BackendResponseError:
+def status_error(ep: Endpoint, status: int, body: str, hints: Mapping[int, str] | None = None) -> BackendResponseError:
     message = f"{ep.at} answered HTTP {status}: {trim_body(body)}"
     hint = (hints or {}).get(status)
     if hint:
@@ -112,16 +108,13 @@ def transport_error(
     kw = {"backend": ep.backend, "where": ep.where}
     if isinstance(exc, httpx.ConnectTimeout):
         return BackendUnavailable(
-            f"{ep.at} is not reachable: no connection within {_timeout_s(client, 'connect')} "
-            "(connect timeout)",
+            f"{ep.at} is not reachable: no connection within {_timeout_s(client, 'connect')} (connect timeout)",
             **kw,
         )
     if isinstance(exc, httpx.ReadTimeout):
         wait = _timeout_s(client, "read")
         if tokens:
-            return BackendTimeout(
-                f"{ep.at}: no data for {wait} mid-stream after {tokens} tokens (read timeout)", **kw
-            )
+            return BackendTimeout(f"{ep.at}: no data for {wait} mid-stream after {tokens} tokens (read timeout)", **kw)
         return BackendTimeout(f"{ep.at}: no answer within {wait} (read timeout)", **kw)
     if isinstance(exc, httpx.TimeoutException):
         return BackendTimeout(f"{ep.at}: timed out sending the request ({type(exc).__name__})", **kw)

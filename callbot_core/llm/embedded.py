@@ -48,9 +48,7 @@ def load_llama(path: Path, n_ctx: int, n_threads: int | None = None) -> Any:
                 verbose=False,
             )
             # Warm-up: the first evaluation pays for buffer allocation; do it here, not in a user's turn.
-            llm.create_chat_completion(
-                messages=[{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0.0
-            )
+            llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0.0)
             _models[key] = llm
         return llm
 

@@ -78,8 +78,7 @@ class OpenAICompatBackend:
                 models = self.list_models()
                 if not models:
                     raise BackendError(
-                        f"OpenAI-compatible server at {self._base_url} lists no models; "
-                        "set CALLBOT_LLM_MODEL",
+                        f"OpenAI-compatible server at {self._base_url} lists no models; set CALLBOT_LLM_MODEL",
                         backend=self.name,
                         where=self._base_url,
                     )

@@ -79,9 +79,7 @@ class Persona(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     archived: Mapped[bool] = mapped_column(Boolean, default=False)
 
-    versions: Mapped[list[PersonaVersion]] = relationship(
-        back_populates="persona", order_by="PersonaVersion.version"
-    )
+    versions: Mapped[list[PersonaVersion]] = relationship(back_populates="persona", order_by="PersonaVersion.version")
 
 
 class PersonaVersion(Base):
@@ -165,13 +163,9 @@ class TurnMetrics(Base):
     __tablename__ = "turn_metrics"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    conversation_id: Mapped[int] = mapped_column(
-        ForeignKey("conversations.id", ondelete="CASCADE"), index=True
-    )
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
     user_message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), unique=True)
-    assistant_message_id: Mapped[int | None] = mapped_column(
-        ForeignKey("messages.id", ondelete="CASCADE"), unique=True
-    )
+    assistant_message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), unique=True)
     backend: Mapped[str] = mapped_column(String(40))
     model: Mapped[str] = mapped_column(String(200))
     ttft_ms: Mapped[float | None] = mapped_column(Float)

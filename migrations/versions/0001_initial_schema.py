@@ -75,9 +75,7 @@ def upgrade() -> None:
         sa.Column("voice", sa.String(length=100), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("max_tokens > 0", name=op.f("ck_persona_versions_max_tokens")),
-        sa.CheckConstraint(
-            "temperature >= 0 AND temperature <= 2", name=op.f("ck_persona_versions_temperature")
-        ),
+        sa.CheckConstraint("temperature >= 0 AND temperature <= 2", name=op.f("ck_persona_versions_temperature")),
         sa.CheckConstraint("top_p > 0 AND top_p <= 1", name=op.f("ck_persona_versions_top_p")),
         sa.ForeignKeyConstraint(
             ["persona_id"],
@@ -104,9 +102,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=20), nullable=False),
         sa.Column("summary_short", sa.Text(), nullable=True),
         sa.Column("summary_full", sa.Text(), nullable=True),
-        sa.CheckConstraint(
-            "channel IN ('text', 'voice', 'api', 'simulated')", name=op.f("ck_conversations_channel")
-        ),
+        sa.CheckConstraint("channel IN ('text', 'voice', 'api', 'simulated')", name=op.f("ck_conversations_channel")),
         sa.CheckConstraint("status IN ('active', 'ended')", name=op.f("ck_conversations_status")),
         sa.ForeignKeyConstraint(
             ["persona_version_id"],
@@ -119,9 +115,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_conversations")),
     )
     with op.batch_alter_table("conversations", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_conversations_persona_version_id"), ["persona_version_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_conversations_persona_version_id"), ["persona_version_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_conversations_started_at"), ["started_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_conversations_user_id"), ["user_id"], unique=False)
 
@@ -188,9 +182,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("user_message_id", name=op.f("uq_turn_metrics_user_message_id")),
     )
     with op.batch_alter_table("turn_metrics", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_turn_metrics_conversation_id"), ["conversation_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_turn_metrics_conversation_id"), ["conversation_id"], unique=False)
 
     # ### end Alembic commands ###
 

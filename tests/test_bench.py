@@ -1,0 +1,42 @@
+"""The benchmark scripts run, and end with one parseable RESULT line (tiny sizes: no timing asserted)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _result(script: str, *args: str) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_") or k == "CALLBOT_TEST_DATABASE_URL"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT "), last
+    pairs = dict(item.split("=", 1) for item in last.split()[1:])
+    assert all(re.fullmatch(r"-?\d+(\.\d+)?", v) for v in pairs.values()), pairs
+    return {k: float(v) for k, v in pairs.items()}
+
+
+def test_turn_overhead_reports_both_databases() -> None:
+    if not os.environ.get("CALLBOT_TEST_DATABASE_URL"):
+        pytest.skip("the PostgreSQL half needs CALLBOT_TEST_DATABASE_URL")
+    r = _result("turn_overhead.py", "--conversations", "2", "--turns", "3")
+    assert r["own_p95_ms_sqlite"] > 0 and r["own_p95_ms_postgres"] > 0
+    assert r["own_p50_ms_sqlite"] <= r["own_p95_ms_sqlite"]
+    assert r["peak_rss_mb"] > 10
+
+
+def test_llm_overhead_compares_like_with_like() -> None:
+    r = _result("llm_overhead.py", "--rounds", "1", "--max-tokens", "8")
+    assert r["raw_decode_tps"] > 0 and r["service_decode_tps"] > 0
+    assert r["decode_ratio"] == pytest.approx(r["service_decode_tps"] / r["raw_decode_tps"], rel=1e-2)
+    assert "ttft_overhead_ms" in r and r["peak_rss_mb"] > 50
