@@ -58,6 +58,9 @@ def db() -> None:
 @db.command("upgrade")
 def db_upgrade() -> None:
     """Migrate the store to the newest schema and seed the default personas."""
+    settings = get_settings()
+    # Create (or, in production, insist on) the signing secret now, not on the first sign-in.
+    settings.secret()
     store = _store(migrated=False)
     store.upgrade()
     click.echo(f"Store at {store.engine.url.render_as_string(hide_password=True)} is up to date.")

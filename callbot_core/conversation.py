@@ -259,13 +259,7 @@ class ConversationService:
         tps = timer.tokens_per_s(completion)
         with self.store.session() as session:
             self._check_still_active(session, plan.conversation_id)
-            user_msg = Message(
-                conversation_id=plan.conversation_id,
-                role="user",
-                text=plan.user_text,
-                token_count=plan.user_tokens,
-                created_at=plan.started_at,
-            )
+            user_msg = _user_message(plan)
             bot_msg = Message(conversation_id=plan.conversation_id, role="assistant", text=text, token_count=completion)
             session.add_all([user_msg, bot_msg])
             session.flush()
@@ -306,13 +300,7 @@ class ConversationService:
         Partial reply text is deliberately dropped: storing it would read as if the bot had said it.
         """
         with self.store.session() as session:
-            user_msg = Message(
-                conversation_id=plan.conversation_id,
-                role="user",
-                text=plan.user_text,
-                token_count=plan.user_tokens,
-                created_at=plan.started_at,
-            )
+            user_msg = _user_message(plan)
             session.add(user_msg)
             session.flush()
             session.add(
@@ -379,6 +367,17 @@ class ConversationService:
             conversation.summary_short = summaries.short
             conversation.summary_full = summaries.full
         return Summaries(summaries.short, summaries.full)
+
+
+def _user_message(plan: _TurnPlan) -> Message:
+    # Stamped with the turn's start, not its commit: the caller spoke before the bot answered.
+    return Message(
+        conversation_id=plan.conversation_id,
+        role="user",
+        text=plan.user_text,
+        token_count=plan.user_tokens,
+        created_at=plan.started_at,
+    )
 
 
 def _get_conversation(session: Session, conversation_id: object) -> Conversation:

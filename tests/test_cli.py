@@ -23,9 +23,17 @@ def run(tmp_path: Path):
         CALLBOT_RUNTIME_DIR=str(tmp_path / "runtime"),
     )
 
-    def _run(*args: str, input: str | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    def _run(
+        *args: str, input: str | None = None, ok: bool = True, env_extra: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [CALLBOT, *args], input=input, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+            [CALLBOT, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env={**env, **(env_extra or {})},
+            cwd=tmp_path,
+            timeout=120,
         )
         if ok:
             assert proc.returncode == 0, proc.stderr
@@ -36,6 +44,9 @@ def run(tmp_path: Path):
 
 def test_the_done_when_path(run, tmp_path: Path) -> None:
     assert "up to date" in run("db", "upgrade").stdout
+    secret = (tmp_path / "runtime" / "secret_key").read_text()
+    run("db", "upgrade")
+    assert (tmp_path / "runtime" / "secret_key").read_text() == secret  # generated once, kept across runs
     out = run("chat", "--persona", "receptionist", "--message", "What are your opening hours?").stdout
     assert "receptionist@1" in out and "bot> " in out
     reply = out.split("bot> ", 1)[1].split("[TTFT", 1)[0].strip()
@@ -106,6 +117,12 @@ def test_errors_are_one_clear_line(run) -> None:
     assert missing.returncode == 1 and "Unknown conversation id 42" in missing.stderr
     down = run("chat", "--backend", "ollama", "--model", "x", "--message", "hi", ok=False)
     assert down.returncode == 1 and "is not reachable" in down.stderr
+
+
+def test_production_without_a_secret_refuses_to_start(run, tmp_path: Path) -> None:
+    proc = run("db", "upgrade", env_extra={"CALLBOT_ENV": "production"}, ok=False)
+    assert proc.returncode == 1 and "CALLBOT_SECRET_KEY must be set" in proc.stderr
+    assert not (tmp_path / "runtime" / "secret_key").exists()
 
 
 def test_personas_and_models(run) -> None:

@@ -7,6 +7,7 @@ show `BackendError` messages as they are.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 
 from ..errors import BackendError, BackendResponseError, BackendTimeout, BackendUnavailable
+from .base import estimate_tokens
 
 # Errors that mean "the connection failed before the server said anything": safe to retry once,
 # because no token can have reached the caller. A timeout is not among them: retrying would
@@ -130,6 +132,23 @@ def bad_data(ep: Endpoint, what: str, line: str) -> BackendResponseError:
     return BackendResponseError(f"{ep.at} sent {what}: {trim_body(line)}", backend=ep.backend, where=ep.where)
 
 
+def json_object(ep: Endpoint, text: str, what: str, tokens: int) -> dict[str, Any]:
+    """One streamed JSON object (an NDJSON line or an SSE event); an `error` object becomes our error."""
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise bad_data(ep, f"{what} that is not JSON", text) from exc
+    if not isinstance(obj, dict):
+        raise bad_data(ep, f"{what} that is not a JSON object", text)
+    if "error" in obj:
+        raise BackendResponseError(
+            f"{ep.at} reported an error mid-stream after {tokens} tokens: {trim_body(text)}",
+            backend=ep.backend,
+            where=ep.where,
+        )
+    return obj
+
+
 def _send_once_retried(client: httpx.Client, request: httpx.Request, ep: Endpoint) -> httpx.Response:
     """Send with exactly one retry when the connection fails before the response headers arrive."""
     for attempt in (1, 2):
@@ -185,3 +204,69 @@ def get_json(client: httpx.Client, ep: Endpoint, path: str, *, hints: Mapping[in
         return json.loads(raw)
     except ValueError as exc:
         raise bad_data(ep, f"a {path} answer that is not JSON", raw.decode("utf-8", "replace")) from exc
+
+
+class RemoteBackend:
+    """What every HTTP backend shares: its address, client, model choice and context assumptions.
+
+    Subclasses set `name` and `label`, implement `stream`, `list_models` and `health`, and say in
+    `no_models_hint` what a user should do when the server offers no model.
+    """
+
+    name = "remote"
+    label = "Server"
+    no_models_hint = "set CALLBOT_LLM_MODEL"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        default_model: str | None = None,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+        context_window: int = 4096,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._configured_model = default_model
+        self._discovered_model: str | None = None
+        self._context_window = context_window
+        self._ep = Endpoint(self.label, self.name, self._base_url)
+        self._client = make_client(
+            self._base_url, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, headers=headers
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def where(self) -> str:
+        return self._base_url
+
+    def list_models(self) -> list[str]:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    @property
+    def default_model(self) -> str:
+        """The configured model, else the first one the server offers (remembered once found)."""
+        if self._configured_model:
+            return self._configured_model
+        with self._lock:
+            if self._discovered_model is None:
+                models = self.list_models()
+                if not models:
+                    raise BackendError(
+                        f"{self._ep.at} has no models: {self.no_models_hint}",
+                        backend=self.name,
+                        where=self._base_url,
+                    )
+                self._discovered_model = models[0]
+            return self._discovered_model
+
+    def context_window(self, model: str | None = None) -> int:
+        return self._context_window
+
+    def count_tokens(self, text: str, model: str | None = None) -> int:
+        # No tokenizer for a remote model here: a conservative estimate keeps trimming on the safe side.
+        return estimate_tokens(text)
+
+    def close(self) -> None:
+        self._client.close()

@@ -18,6 +18,9 @@ from .models import resolve_gguf_path
 # One loaded model per (file, context size) per process: loading costs memory, and the first call
 # after a load is ~3x slower, so every later conversation should reuse a warmed model.
 _models: dict[tuple[str, int], Any] = {}
+# One lock per loaded model, shared by every backend object using it: a llama.cpp context is not
+# thread-safe, and Streamlit serves sessions from several threads.
+_model_locks: dict[tuple[str, int], threading.Lock] = {}
 _models_lock = threading.Lock()
 
 
@@ -50,7 +53,13 @@ def load_llama(path: Path, n_ctx: int, n_threads: int | None = None) -> Any:
             # Warm-up: the first evaluation pays for buffer allocation; do it here, not in a user's turn.
             llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0.0)
             _models[key] = llm
+            _model_locks[key] = threading.Lock()
         return llm
+
+
+def model_lock(path: Path, n_ctx: int) -> threading.Lock:
+    with _models_lock:
+        return _model_locks.setdefault((str(path), n_ctx), threading.Lock())
 
 
 class EmbeddedBackend:
@@ -60,8 +69,6 @@ class EmbeddedBackend:
         self._path = gguf_path
         self._n_ctx = n_ctx
         self._n_threads = n_threads
-        # llama.cpp contexts are not thread-safe; Streamlit serves sessions from several threads.
-        self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbeddedBackend:
@@ -98,7 +105,7 @@ class EmbeddedBackend:
             )
         llm = self._llm()
         payload = [{"role": m.role, "content": m.content} for m in messages]
-        with self._lock:
+        with model_lock(self._path, self._n_ctx):
             started = time.perf_counter()
             try:
                 chunks = llm.create_chat_completion(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,32 +11,15 @@ import httpx
 from ..errors import BackendError, BackendResponseError
 from ..settings import Settings
 from . import _http
-from .base import ChatMessage, GenerationParams, Health, Token, Usage, estimate_tokens
+from .base import ChatMessage, GenerationParams, Health, Token, Usage
 
 NS_PER_MS = 1_000_000
 
 
-class OllamaBackend:
+class OllamaBackend(_http.RemoteBackend):
+    label = "Ollama"
+    no_models_hint = "pull one (`ollama pull smollm2:135m`) or set CALLBOT_LLM_MODEL"
     name = "ollama"
-
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        default_model: str | None = None,
-        connect_timeout_s: float = 5.0,
-        read_timeout_s: float = 60.0,
-        context_window: int = 4096,
-    ) -> None:
-        self._base_url = base_url.rstrip("/")
-        self._configured_model = default_model
-        self._discovered_model: str | None = None
-        self._context_window = context_window
-        self._ep = _http.Endpoint("Ollama", self.name, self._base_url)
-        self._client = _http.make_client(
-            self._base_url, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
-        )
-        self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OllamaBackend:
@@ -48,28 +30,6 @@ class OllamaBackend:
             read_timeout_s=settings.llm_read_timeout_s,
             context_window=settings.remote_context_window,
         )
-
-    @property
-    def where(self) -> str:
-        return self._base_url
-
-    @property
-    def default_model(self) -> str:
-        """The configured model, else the first one the server has pulled (remembered once found)."""
-        if self._configured_model:
-            return self._configured_model
-        with self._lock:
-            if self._discovered_model is None:
-                models = self.list_models()
-                if not models:
-                    raise BackendError(
-                        f"Ollama at {self._base_url} has no models: pull one (`ollama pull smollm2:135m`) "
-                        "or set CALLBOT_LLM_MODEL",
-                        backend=self.name,
-                        where=self._base_url,
-                    )
-                self._discovered_model = models[0]
-            return self._discovered_model
 
     def _payload(self, messages: list[ChatMessage], params: GenerationParams, model: str) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -107,19 +67,7 @@ class OllamaBackend:
                     break
                 if not line.strip():
                     continue
-                try:
-                    chunk = json.loads(line)
-                except ValueError as exc:
-                    raise _http.bad_data(self._ep, "a stream line that is not JSON", line) from exc
-                if not isinstance(chunk, dict):
-                    raise _http.bad_data(self._ep, "a stream line that is not a JSON object", line)
-                if "error" in chunk:
-                    raise BackendResponseError(
-                        f"Ollama at {self._base_url} reported an error mid-stream after {tokens} tokens: "
-                        f"{_http.trim_body(line)}",
-                        backend=self.name,
-                        where=self._base_url,
-                    )
+                chunk = _http.json_object(self._ep, line, "a stream line", tokens)
                 text = (chunk.get("message") or {}).get("content") or ""
                 if text:
                     tokens += 1
@@ -153,15 +101,6 @@ class OllamaBackend:
                 False, self.name, self._base_url, f"model {wanted!r} is not pulled; have: {', '.join(models)}"
             )
         return Health(True, self.name, self._base_url, f"{len(models)} models: {', '.join(models)}")
-
-    def context_window(self, model: str | None = None) -> int:
-        return self._context_window
-
-    def count_tokens(self, text: str, model: str | None = None) -> int:
-        return estimate_tokens(text)
-
-    def close(self) -> None:
-        self._client.close()
 
 
 def _has_model(models: list[str], wanted: str) -> bool:

@@ -8,7 +8,6 @@ http://127.0.0.1:8000/v1.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,7 @@ import httpx
 from ..errors import BackendError, BackendResponseError
 from ..settings import Settings
 from . import _http
-from .base import ChatMessage, GenerationParams, Health, Token, Usage, estimate_tokens
+from .base import ChatMessage, GenerationParams, Health, Token, Usage
 
 _AUTH_HINTS = {
     401: "the API key was refused; check CALLBOT_OPENAI_API_KEY",
@@ -25,7 +24,9 @@ _AUTH_HINTS = {
 }
 
 
-class OpenAICompatBackend:
+class OpenAICompatBackend(_http.RemoteBackend):
+    label = "OpenAI-compatible server"
+    no_models_hint = "set CALLBOT_LLM_MODEL"
     name = "openai"
 
     def __init__(
@@ -38,19 +39,14 @@ class OpenAICompatBackend:
         read_timeout_s: float = 60.0,
         context_window: int = 4096,
     ) -> None:
-        self._base_url = base_url.rstrip("/")
-        self._configured_model = default_model
-        self._discovered_model: str | None = None
-        self._context_window = context_window
-        self._ep = _http.Endpoint("OpenAI-compatible server", self.name, self._base_url)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = _http.make_client(
-            self._base_url,
+        super().__init__(
+            base_url,
+            default_model=default_model,
             connect_timeout_s=connect_timeout_s,
             read_timeout_s=read_timeout_s,
-            headers=headers,
+            context_window=context_window,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
         )
-        self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAICompatBackend:
@@ -63,27 +59,6 @@ class OpenAICompatBackend:
             read_timeout_s=settings.llm_read_timeout_s,
             context_window=settings.remote_context_window,
         )
-
-    @property
-    def where(self) -> str:
-        return self._base_url
-
-    @property
-    def default_model(self) -> str:
-        """The configured model, else the first one the server lists (remembered once found)."""
-        if self._configured_model:
-            return self._configured_model
-        with self._lock:
-            if self._discovered_model is None:
-                models = self.list_models()
-                if not models:
-                    raise BackendError(
-                        f"OpenAI-compatible server at {self._base_url} lists no models; set CALLBOT_LLM_MODEL",
-                        backend=self.name,
-                        where=self._base_url,
-                    )
-                self._discovered_model = models[0]
-            return self._discovered_model
 
     def _payload(self, messages: list[ChatMessage], params: GenerationParams, model: str) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -128,19 +103,7 @@ class OpenAICompatBackend:
                 if data == "[DONE]":
                     done = True
                     break
-                try:
-                    event = json.loads(data)
-                except ValueError as exc:
-                    raise _http.bad_data(self._ep, "an event that is not JSON", data) from exc
-                if not isinstance(event, dict):
-                    raise _http.bad_data(self._ep, "an event that is not a JSON object", data)
-                if "error" in event:
-                    raise BackendResponseError(
-                        f"OpenAI-compatible server at {self._base_url} reported an error mid-stream after "
-                        f"{chunks} tokens: {_http.trim_body(data)}",
-                        backend=self.name,
-                        where=self._base_url,
-                    )
+                event = _http.json_object(self._ep, data, "an event", chunks)
                 if isinstance(event.get("usage"), dict):
                     usage = event["usage"]
                 for choice in event.get("choices") or []:
@@ -175,15 +138,6 @@ class OpenAICompatBackend:
         if not models and not self._configured_model:
             return Health(False, self.name, self._base_url, "reachable, but it lists no models")
         return Health(True, self.name, self._base_url, f"{len(models)} models: {', '.join(models)}")
-
-    def context_window(self, model: str | None = None) -> int:
-        return self._context_window
-
-    def count_tokens(self, text: str, model: str | None = None) -> int:
-        return estimate_tokens(text)
-
-    def close(self) -> None:
-        self._client.close()
 
 
 def _usage(reported: dict[str, Any] | None, chunks: int, finish_reason: str | None) -> Usage:
