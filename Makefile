@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(BIN)/callbot db upgrade
-	$(BIN)/callbot chat
+	$(BIN)/callbot app
 
 test: install
 	$(BIN)/ruff check .

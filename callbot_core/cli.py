@@ -66,6 +66,44 @@ def db_upgrade() -> None:
     click.echo(f"Store at {store.engine.url.render_as_string(hide_password=True)} is up to date.")
 
 
+# -- the browser app ---------------------------------------------------------------------------
+
+
+@cli.command("app")
+@click.option("--port", default=8501, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--address", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+def app_cmd(port: int, address: str) -> None:
+    """Start the browser workbench (headless); the first run creates the `admin` account."""
+    import os
+
+    from .auth import ADMIN_USERNAME, ensure_admin
+    from .settings import PROJECT_ROOT
+
+    settings = get_settings()
+    settings.secret()
+    store = _store()
+    generated = ensure_admin(store, os.environ.get("CALLBOT_ADMIN_PASSWORD"))
+    if generated:
+        click.secho(
+            f"Created the admin account. Sign in as {ADMIN_USERNAME!r} with password: {generated}\n"
+            "(shown this once; change it on the Admin page)",
+            fg="yellow",
+        )
+    script = PROJECT_ROOT / "app" / "streamlit_app.py"
+    click.echo(f"Callbot Workbench: http://{address}:{port}")
+    argv = [
+        sys.executable, "-m", "streamlit", "run", str(script),
+        "--server.headless", "true",
+        "--server.port", str(port),
+        "--server.address", address,
+        "--browser.gatherUsageStats", "false",
+        # Uploads and websockets must come from this app's own pages.
+        "--server.enableXsrfProtection", "true",
+    ]  # fmt: skip
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+
+
 # -- users -------------------------------------------------------------------------------------
 
 

@@ -150,3 +150,30 @@ def list_personas(session: Session) -> list[tuple[Persona, int]]:
         select(Persona, latest.c.v).join(latest, latest.c.persona_id == Persona.id).order_by(Persona.key)
     )
     return [(p, v) for p, v in rows]
+
+
+@dataclass(frozen=True)
+class PersonaChoice:
+    key: str
+    name: str
+    description: str
+    versions: tuple[int, ...]
+
+    @property
+    def latest(self) -> int:
+        return self.versions[-1]
+
+
+def persona_catalog(store: Store) -> list[PersonaChoice]:
+    """Every persona that is not archived, with its version numbers (oldest first)."""
+    with store.session() as session:
+        rows = session.execute(
+            select(Persona.key, Persona.name, Persona.description, PersonaVersion.version)
+            .join(PersonaVersion, PersonaVersion.persona_id == Persona.id)
+            .where(Persona.archived.is_(False))
+            .order_by(Persona.key, PersonaVersion.version)
+        )
+        catalog: dict[str, tuple[str, str, list[int]]] = {}
+        for key, name, description, version in rows:
+            catalog.setdefault(key, (name, description, []))[2].append(version)
+    return [PersonaChoice(k, n, d, tuple(v)) for k, (n, d, v) in catalog.items()]

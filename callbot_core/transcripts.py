@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import IO, Literal
 
 from sqlalchemy import Select, and_, func, or_, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import aliased
 
+from . import audit
 from .errors import InvalidInput, NotFound
 from .store import Store
 from .store.models import Conversation, Message, Persona, PersonaVersion, TurnMetrics, User
@@ -184,11 +185,20 @@ def get_conversation(store: Store, conversation_id: int) -> ConversationDetail:
         return ConversationDetail(_to_row(tuple(found)), system_prompt, conv.summary_full, messages)
 
 
-def delete_conversation(session: Session, conversation_id: int) -> None:
-    conv = session.get(Conversation, conversation_id)
-    if conv is None:
-        raise NotFound(f"Unknown conversation id {conversation_id}")
-    session.delete(conv)
+def delete_conversation(
+    store: Store, conversation_id: int, *, actor: str | None = None, client_addr: str | None = None
+) -> None:
+    """Delete a conversation with its messages and metrics; the deletion is audited in the same transaction."""
+    with store.session() as session:
+        conv = session.get(Conversation, conversation_id)
+        if conv is None:
+            raise NotFound(f"Unknown conversation id {conversation_id}")
+        detail = {"persona_version_id": conv.persona_version_id, "started_at": conv.started_at.isoformat()}
+        session.delete(conv)
+        audit.record(
+            session, "conversation.delete", actor=actor, target=str(conversation_id), detail=detail,
+            client_addr=client_addr,
+        )  # fmt: skip
 
 
 # -- search ------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ def add_user(
     email: str | None = None,
     actor: str | None = None,
 ) -> User:
+    # Usernames are case-insensitive: stored lower-case, as the login form sends them.
+    username = username.strip().lower()
     if not USERNAME_RE.match(username):
         raise InvalidInput(f"Username {username!r} is not valid: use 2-64 letters, digits, '.', '_' or '-'")
     if role not in ROLES:

@@ -112,8 +112,11 @@ def test_deleting_a_conversation_removes_its_messages_and_metrics(store, setting
     service = ConversationService(store, settings, backends=lambda name: embedded)
     info = service.start("assistant")
     service.send(info.id, "Hi", params=GenerationParams(max_tokens=4, temperature=0, seed=1)).text()
-    with store.session() as session:
-        delete_conversation(session, info.id)
+    delete_conversation(store, info.id, actor="ada", client_addr="127.0.0.1")
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(Message)) == 0
         assert session.scalar(select(func.count()).select_from(TurnMetrics)) == 0
+        row = session.scalars(select(AuditLog).where(AuditLog.action == "conversation.delete")).one()
+        assert (row.actor, row.target, row.client_addr) == ("ada", str(info.id), "127.0.0.1")
+    with pytest.raises(NotFound):
+        delete_conversation(store, info.id)

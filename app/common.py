@@ -1,0 +1,90 @@
+"""What every page shares: the engine objects, the signed-in user, and safe rendering.
+
+Only this module and the page scripts import Streamlit; everything they do goes through callbot_core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import streamlit as st
+
+from callbot_core.auth import UserInfo
+from callbot_core.conversation import ConversationService
+from callbot_core.settings import Settings, get_settings
+from callbot_core.store import Store, open_store
+
+USER_KEY = "cb_user"
+
+
+@st.cache_resource(show_spinner=False)
+def _engine() -> tuple[Settings, Store, ConversationService]:
+    settings = get_settings()
+    store = open_store(settings)
+    return settings, store, ConversationService(store, settings)
+
+
+def settings() -> Settings:
+    return _engine()[0]
+
+
+def store() -> Store:
+    return _engine()[1]
+
+
+def service() -> ConversationService:
+    return _engine()[2]
+
+
+def client_addr() -> str | None:
+    try:
+        ip = st.context.ip_address
+    except Exception:  # no browser behind the session (tests, bare mode)
+        return None
+    return ip if isinstance(ip, str) else None
+
+
+def current_user() -> UserInfo:
+    """The signed-in user; a page reached without one stops here (the main script normally prevents it)."""
+    user = st.session_state.get(USER_KEY)
+    if not isinstance(user, UserInfo):
+        st.error("Please sign in.")
+        st.stop()
+    return user
+
+
+def require(allowed: bool, what: str) -> None:
+    if not allowed:
+        st.error(f"Your role may not {what}.")
+        st.stop()
+
+
+def escape_markdown_html(text: str) -> str:
+    """Markdown with any HTML shown as text: user and model text never becomes markup.
+
+    Streamlit already refuses raw HTML unless asked; escaping as well means a `<script>` in a reply
+    is displayed literally, whatever the renderer does.
+    """
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def escaped_stream(pieces: Iterable[str]) -> Iterator[str]:
+    for piece in pieces:
+        yield escape_markdown_html(piece)
+
+
+def fmt_ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f} ms"
+
+
+def metric_chips(
+    ttft_ms: float | None, tokens_per_s: float | None, tokens: int | None, total_ms: float | None = None
+) -> str:
+    """A row of badges (Streamlit markdown) for one turn's metrics."""
+    chips = [f":blue-badge[TTFT {fmt_ms(ttft_ms)}]"]
+    if tokens_per_s is not None:
+        chips.append(f":green-badge[{tokens_per_s:,.0f} tok/s]")
+    chips.append(f":gray-badge[{tokens or 0} tokens]")
+    if total_ms is not None:
+        chips.append(f":gray-badge[total {fmt_ms(total_ms)}]")
+    return " ".join(chips)

@@ -1,0 +1,5 @@
+"""Admin: placeholder until the page is built."""
+
+import streamlit as st
+
+st.title("Admin")

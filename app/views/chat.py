@@ -1,0 +1,146 @@
+"""Chat: pick a persona, version, backend and model; talk; see each turn's metrics; end with summaries."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.common import current_user, escape_markdown_html, escaped_stream, metric_chips, require, service, store
+from callbot_core.errors import CallbotError, InvalidInput
+from callbot_core.llm import available_backends
+from callbot_core.personas import persona_catalog
+from callbot_core.transcripts import get_conversation
+
+CID = "chat_conversation_id"
+RETRY = "chat_retry_text"
+SUMMARIES = "chat_summaries"
+
+user = current_user()
+require(user.can_chat, "chat")
+svc = service()
+
+st.title("Chat")
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _models(backend: str) -> tuple[list[str], str | None]:
+    """A backend's models, or the reason it has none to offer (down, misconfigured)."""
+    try:
+        return svc.backend(backend).list_models(), None
+    except CallbotError as exc:
+        return [], str(exc)
+
+
+catalog = persona_catalog(store())
+if not catalog:
+    st.warning("No personas yet: run `callbot db upgrade` to seed the defaults.")
+    st.stop()
+
+with st.container(border=True):
+    c1, c2, c3, c4 = st.columns([3, 1, 2, 3])
+    keys = [p.key for p in catalog]
+    default_key = keys.index("receptionist") if "receptionist" in keys else 0
+    choice = c1.selectbox(
+        "Persona", catalog, index=default_key, format_func=lambda p: f"{p.name} ({p.key})", key="chat_persona"
+    )
+    version = c2.selectbox("Version", list(reversed(choice.versions)), key=f"chat_version_{choice.key}")
+    backends = available_backends()
+    configured = svc.settings.llm_backend
+    backend = c3.selectbox(
+        "Backend", backends, index=backends.index(configured) if configured in backends else 0, key="chat_backend"
+    )
+    models, model_error = _models(backend)
+    model = c4.selectbox("Model", models, key=f"chat_model_{backend}", disabled=not models)
+    if model_error:
+        st.error(model_error)
+    start = st.button(
+        "New conversation", type="primary", disabled=not models, help="Start talking to this persona version"
+    )
+
+if start:
+    try:
+        info = svc.start(f"{choice.key}@{version}", user_id=user.id, backend=backend, model=model)
+    except CallbotError as exc:
+        st.error(str(exc))
+    else:
+        st.session_state[CID] = info.id
+        st.session_state.pop(RETRY, None)
+        st.session_state.pop(SUMMARIES, None)
+
+cid = st.session_state.get(CID)
+if cid is None:
+    st.info("Choose a persona and press **New conversation** to begin.")
+    st.stop()
+
+try:
+    detail = get_conversation(store(), cid)
+except CallbotError as exc:
+    st.session_state.pop(CID, None)
+    st.error(str(exc))
+    st.stop()
+
+row = detail.row
+st.caption(f"Conversation {row.id} · {row.persona_key}@{row.persona_version} · {row.backend} · {row.model}")
+
+for message in detail.messages:
+    with st.chat_message("user" if message.role == "user" else "assistant"):
+        st.markdown(escape_markdown_html(message.text))
+        if message.error:
+            st.caption(f":red-badge[failed] {escape_markdown_html(message.error)}")
+        elif message.ttft_ms is not None:
+            st.markdown(
+                metric_chips(message.ttft_ms, message.tokens_per_s, message.completion_tokens, message.total_ms)
+            )
+
+
+def _run_turn(text: str) -> None:
+    with st.chat_message("user"):
+        st.markdown(escape_markdown_html(text))
+    try:
+        turn = svc.send(cid, text)
+    except InvalidInput as exc:
+        st.warning(f"Not sent: {exc}")
+        return
+    except CallbotError as exc:
+        st.error(str(exc))
+        return
+    with st.chat_message("assistant"):
+        try:
+            st.write_stream(escaped_stream(turn))
+        except CallbotError as exc:
+            st.session_state[RETRY] = text
+            st.error(f"The turn failed: {exc}")
+            return
+        st.session_state.pop(RETRY, None)
+        result = turn.result
+        if result is not None:
+            st.markdown(metric_chips(result.ttft_ms, result.tokens_per_s, result.completion_tokens, result.total_ms))
+
+
+active = row.status == "active"
+retry_text = st.session_state.get(RETRY)
+if active and retry_text:
+    st.warning("The last turn failed and was not answered.")
+    if st.button("Retry the last message", key="chat_retry"):
+        st.session_state.pop(RETRY, None)
+        _run_turn(retry_text)
+
+if active:
+    prompt = st.chat_input("Say something to the bot", key="chat_input")
+    if prompt:
+        _run_turn(prompt)
+    if st.button("End conversation", key="chat_end", help="End the call and write its summaries"):
+        with st.spinner("Writing the summaries…"):
+            try:
+                summaries = svc.end(cid)
+            except CallbotError as exc:
+                st.error(f"The conversation ended, but its summaries could not be written: {exc}")
+            else:
+                st.session_state[SUMMARIES] = (summaries.short, summaries.full)
+        st.rerun()
+else:
+    short, full = st.session_state.get(SUMMARIES) or (row.summary_short, detail.summary_full)
+    st.success("This conversation has ended.")
+    st.subheader("Summary")
+    st.markdown(escape_markdown_html(short or "No summary was written."))
+    with st.expander("Full summary", expanded=True):
+        st.markdown(escape_markdown_html(full or "No summary was written."))

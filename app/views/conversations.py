@@ -1,0 +1,5 @@
+"""Conversations: placeholder until the page is built."""
+
+import streamlit as st
+
+st.title("Conversations")
