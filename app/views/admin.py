@@ -1,5 +1,150 @@
-"""Admin: placeholder until the page is built."""
+"""Admin: users (add, role, password, unlock), the audit log, and the backends' health."""
 
+from __future__ import annotations
+
+import pandas as pd
 import streamlit as st
 
+from app.common import client_addr, current_user, require, service, store
+from callbot_core import audit
+from callbot_core.auth import create_user, list_users, reset_password, set_role, unlock
+from callbot_core.errors import CallbotError
+from callbot_core.llm import available_backends
+from callbot_core.store.models import ROLES, utcnow
+
+user = current_user()
+require(user.is_admin, "administer the workbench")
 st.title("Admin")
+
+
+FLASH = "admin_flash"
+
+
+def _act(success: str, fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    """Run an admin action; on success redraw the page so every list shows the change."""
+    try:
+        fn(*args, **kwargs)
+    except CallbotError as exc:
+        st.error(str(exc))
+    else:
+        st.session_state[FLASH] = success
+        st.rerun()
+
+
+if flash := st.session_state.pop(FLASH, None):
+    st.success(flash)
+
+
+users_tab, audit_tab, backend_tab = st.tabs(["Users", "Audit log", "Backends"])
+
+with users_tab:
+    now = utcnow()
+    users = list_users(store())
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "username": u.username,
+                    "name": u.display_name,
+                    "email": u.email or "",
+                    "role": u.role,
+                    "created": u.created_at.strftime("%Y-%m-%d") if u.created_at else "",
+                    "last login": u.last_login_at.strftime("%Y-%m-%d %H:%M") if u.last_login_at else "never",
+                    "failed logins": u.failed_logins,
+                    "locked until": u.locked_until.strftime("%Y-%m-%d %H:%M")
+                    if u.locked_until and u.locked_until > now
+                    else "",
+                }
+                for u in users
+            ]
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+    names = [u.username for u in users]
+    left, right = st.columns(2)
+    with left, st.form("admin_add_user", clear_on_submit=True):
+        st.markdown("**Add a user**")
+        new_name = st.text_input("Username", key="admin_new_username")
+        new_display = st.text_input("Display name", key="admin_new_display")
+        new_email = st.text_input("Email (optional)", key="admin_new_email")
+        new_role = st.selectbox("Role", ROLES, index=ROLES.index("researcher"), key="admin_new_role")
+        new_password = st.text_input("Password", type="password", key="admin_new_password")
+        if st.form_submit_button("Add user"):
+            _act(
+                f"User {new_name.strip().lower()!r} added.",
+                create_user,
+                store(),
+                new_name,
+                new_password,
+                role=new_role,
+                display_name=new_display,
+                email=new_email or None,
+                actor=user.username,
+            )
+    with right:
+        with st.form("admin_role"):
+            st.markdown("**Change a role**")
+            who = st.selectbox("User", names, key="admin_role_user")
+            role = st.selectbox("New role", ROLES, key="admin_role_role")
+            if st.form_submit_button("Change role"):
+                _act(f"{who} is now {role}.", set_role, store(), who, role, actor=user.username,
+                     client_addr=client_addr())  # fmt: skip
+        with st.form("admin_password", clear_on_submit=True):
+            st.markdown("**Reset a password**")
+            who_pw = st.selectbox("User", names, key="admin_pw_user")
+            password = st.text_input("New password", type="password", key="admin_pw_password")
+            if st.form_submit_button("Reset password"):
+                _act(f"Password of {who_pw} reset.", reset_password, store(), who_pw, password,
+                     actor=user.username, client_addr=client_addr())  # fmt: skip
+        locked = [u.username for u in users if u.locked_until and u.locked_until > now]
+        with st.form("admin_unlock"):
+            st.markdown("**Unlock an account**")
+            who_lock = st.selectbox("Locked user", locked, key="admin_unlock_user", placeholder="No locked accounts")
+            if st.form_submit_button("Unlock", disabled=not locked):
+                _act(f"{who_lock} unlocked.", unlock, store(), who_lock, actor=user.username,
+                     client_addr=client_addr())  # fmt: skip
+
+with audit_tab:
+    prefix = st.selectbox("Actions", ["all", "login.", "logout", "user.", "conversation."], key="admin_audit_prefix")
+    entries = audit.recent(store(), limit=500, action_prefix=None if prefix == "all" else prefix)
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "when": e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    "who": e.actor or "",
+                    "action": e.action,
+                    "target": e.target or "",
+                    "detail": "" if e.detail is None else ", ".join(f"{k}={v}" for k, v in e.detail.items()),
+                    "from": e.client_addr or "",
+                }
+                for e in entries
+            ],
+            columns=["when", "who", "action", "target", "detail", "from"],
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+
+with backend_tab:
+    svc = service()
+    backends = available_backends()
+    configured = svc.settings.llm_backend
+    name = st.selectbox(
+        "Backend", backends, index=backends.index(configured) if configured in backends else 0, key="admin_backend"
+    )
+    st.caption(f"Configured default: **{configured}**")
+    try:
+        llm = svc.backend(name)
+        health = llm.health()
+    except CallbotError as exc:
+        st.error(str(exc))
+    else:
+        (st.success if health.ok else st.error)(f"{health.backend} at {health.where}: "
+                                                f"{'healthy' if health.ok else 'down'} — {health.detail}")  # fmt: skip
+        if health.ok:
+            try:
+                st.dataframe(pd.DataFrame({"model": llm.list_models()}), hide_index=True)
+            except CallbotError as exc:
+                st.error(str(exc))

@@ -1,5 +1,188 @@
-"""Conversations: placeholder until the page is built."""
+"""Conversations: filter, search, open one grouped by date, export what is listed, delete (admins)."""
 
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, time, timedelta
+from itertools import groupby
+
+import pandas as pd
 import streamlit as st
 
+from app.common import client_addr, current_user, escape_markdown_html, fmt_ms, metric_chips, store
+from callbot_core.auth import list_users
+from callbot_core.errors import CallbotError
+from callbot_core.personas import persona_catalog
+from callbot_core.transcripts import (
+    delete_conversation,
+    export_conversations,
+    get_conversation,
+    list_conversations,
+    search,
+)
+
+PAGE_SIZE = 100
+OPEN = "conv_open_id"
+EXPORT = "conv_export"
+
+user = current_user()
 st.title("Conversations")
+
+catalog = persona_catalog(store())
+usernames = [u.username for u in list_users(store())]
+
+with st.container(border=True):
+    f1, f2, f3, f4 = st.columns([2, 2, 3, 2])
+    persona = f1.selectbox("Persona", ["All", *[p.key for p in catalog]], key="conv_persona")
+    who = f2.selectbox("User", ["All", *usernames], key="conv_user")
+    today = datetime.now(UTC).date()
+    dates = f3.date_input(
+        "Started between", (today - timedelta(days=30), today), max_value=today, key="conv_dates", format="YYYY-MM-DD"
+    )
+    status = f4.selectbox("Status", ["All", "active", "ended"], key="conv_status")
+    query = st.text_input("Search messages and summaries", key="conv_search", placeholder="a word from the call")
+
+since = until = None
+if isinstance(dates, tuple | list) and len(dates) == 2:
+    since = datetime.combine(dates[0], time.min, tzinfo=UTC)
+    until = datetime.combine(dates[1], time.min, tzinfo=UTC) + timedelta(days=1)
+
+ids = None
+hits = []
+if query.strip():
+    try:
+        hits = search(store(), query, limit=500)
+    except CallbotError as exc:
+        st.warning(str(exc))
+    ids = sorted({h.conversation_id for h in hits})
+
+page = st.session_state.get("conv_page", 0)
+rows = list_conversations(
+    store(),
+    persona=None if persona == "All" else persona,
+    username=None if who == "All" else who,
+    status=None if status == "All" else status,
+    since=since,
+    until=until,
+    ids=ids,
+    limit=PAGE_SIZE + 1,
+    offset=page * PAGE_SIZE,
+)
+has_more = len(rows) > PAGE_SIZE
+rows = rows[:PAGE_SIZE]
+
+if query.strip():
+    st.caption(f"{len(hits)} match(es) for “{escape_markdown_html(query.strip())}” in {len(ids or [])} conversation(s)")
+
+if not rows:
+    st.info("No conversations match these filters.")
+else:
+    table = pd.DataFrame(
+        [
+            {
+                "id": r.id,
+                "started": r.started_at.strftime("%Y-%m-%d %H:%M"),
+                "persona": f"{r.persona_key}@{r.persona_version}",
+                "user": r.username or "(cli)",
+                "backend": r.backend,
+                "model": r.model,
+                "status": r.status,
+                "turns": r.turns,
+                "failed": r.failed_turns,
+                "mean TTFT ms": None if r.mean_ttft_ms is None else round(r.mean_ttft_ms),
+                "summary": r.summary_short or "",
+            }
+            for r in rows
+        ]
+    )
+    st.dataframe(table, hide_index=True, width="stretch", key="conv_table")
+
+    nav1, nav2, nav3 = st.columns([1, 1, 6])
+    if nav1.button("◀ Newer", disabled=page == 0, key="conv_prev"):
+        st.session_state["conv_page"] = page - 1
+        st.rerun()
+    if nav2.button("Older ▶", disabled=not has_more, key="conv_next"):
+        st.session_state["conv_page"] = page + 1
+        st.rerun()
+    nav3.caption(f"Page {page + 1} · showing {len(rows)} conversation(s)")
+
+    # -- export ---------------------------------------------------------------------------------
+    e1, e2, e3 = st.columns([1, 1, 4])
+    for column, fmt in ((e1, "csv"), (e2, "jsonl")):
+        if column.button(f"Export {fmt.upper()}", key=f"conv_export_{fmt}"):
+            buffer = io.StringIO()
+            count = export_conversations(store(), fmt, buffer, ids=[r.id for r in rows])
+            st.session_state[EXPORT] = (fmt, buffer.getvalue(), count)
+    prepared = st.session_state.get(EXPORT)
+    if prepared:
+        fmt, data, count = prepared
+        e3.download_button(
+            f"Download {count} conversation(s) as {fmt.upper()}",
+            data=data.encode("utf-8"),
+            file_name=f"conversations.{fmt}",
+            mime="text/csv" if fmt == "csv" else "application/jsonl",
+            key="conv_download",
+        )
+
+    # -- one conversation -------------------------------------------------------------------------
+    labels = {r.id: f"#{r.id} · {r.persona_key}@{r.persona_version} · {r.started_at:%Y-%m-%d %H:%M}" for r in rows}
+    current = st.session_state.get(OPEN)
+    chosen = st.selectbox(
+        "Open a conversation",
+        list(labels),
+        index=list(labels).index(current) if current in labels else None,
+        format_func=labels.get,
+        placeholder="Choose a conversation",
+        key="conv_open_select",
+    )
+    if chosen is not None:
+        st.session_state[OPEN] = chosen
+
+open_id = st.session_state.get(OPEN)
+if open_id is not None and rows and open_id in {r.id for r in rows}:
+    try:
+        detail = get_conversation(store(), open_id)
+    except CallbotError as exc:
+        st.session_state.pop(OPEN, None)
+        st.error(str(exc))
+        st.stop()
+    r = detail.row
+    st.divider()
+    st.subheader(f"Conversation {r.id}")
+    st.caption(
+        f"{r.persona_key}@{r.persona_version} · {r.backend} · {r.model} · {r.channel} · {r.status} · "
+        f"{r.turns} turn(s), {r.failed_turns} failed · mean TTFT {fmt_ms(r.mean_ttft_ms)}"
+    )
+    if r.summary_short or detail.summary_full:
+        with st.container(border=True):
+            st.markdown("**Summary**")
+            st.markdown(escape_markdown_html(r.summary_short or ""))
+            if detail.summary_full:
+                with st.expander("Full summary"):
+                    st.markdown(escape_markdown_html(detail.summary_full))
+    for day, messages in groupby(detail.messages, key=lambda m: m.created_at.date()):
+        st.markdown(f"##### {day:%A %d %B %Y}")
+        for m in messages:
+            with st.chat_message("user" if m.role == "user" else "assistant"):
+                st.markdown(escape_markdown_html(m.text))
+                meta = f"{m.created_at:%H:%M:%S}"
+                if m.error:
+                    st.caption(f"{meta} · :red-badge[failed] {escape_markdown_html(m.error)}")
+                elif m.ttft_ms is not None:
+                    st.markdown(f"{meta} " + metric_chips(m.ttft_ms, m.tokens_per_s, m.completion_tokens, m.total_ms))
+                else:
+                    st.caption(meta)
+
+    if user.is_admin:
+        with st.expander("Delete this conversation"):
+            confirm = st.checkbox(f"Yes, delete conversation {r.id} and all its messages", key="conv_delete_ok")
+            if st.button("Delete", type="primary", disabled=not confirm, key="conv_delete"):
+                try:
+                    delete_conversation(store(), r.id, actor=user.username, client_addr=client_addr())
+                except CallbotError as exc:
+                    st.error(str(exc))
+                else:
+                    st.session_state.pop(OPEN, None)
+                    st.session_state.pop(EXPORT, None)
+                    st.toast(f"Conversation {r.id} deleted")
+                    st.rerun()
