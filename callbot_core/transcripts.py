@@ -75,17 +75,17 @@ class SearchHit:
     created_at: datetime
 
 
-def _rows_query() -> Select:
-    turn_stats = (
-        select(
+def _rows_query(only_ids: Select | None = None) -> Select:
+    """Conversation rows with their turn stats; `only_ids` limits the (costly) aggregation to a page."""
+    stats = select(
             TurnMetrics.conversation_id.label("cid"),
             func.count(TurnMetrics.assistant_message_id).label("turns"),
             func.count(TurnMetrics.error).label("failed"),
             func.avg(TurnMetrics.ttft_ms).filter(TurnMetrics.error.is_(None)).label("mean_ttft"),
-        )
-        .group_by(TurnMetrics.conversation_id)
-        .subquery()
-    )
+        ).group_by(TurnMetrics.conversation_id)
+    if only_ids is not None:
+        stats = stats.where(TurnMetrics.conversation_id.in_(only_ids))
+    turn_stats = stats.subquery()
     return (
         select(
             Conversation.id,
@@ -126,8 +126,17 @@ def list_conversations(
     limit: int | None = 100,
     offset: int = 0,
 ) -> list[ConversationRow]:
-    """Conversations, newest first, each with its turn count and mean TTFT."""
-    query = _rows_query()
+    """Conversations, newest first, each with its turn count and mean TTFT.
+
+    Two steps: pick the page of conversation ids with the filters, then aggregate turn metrics for
+    those ids only, so a page costs the same with 100 or 100,000 conversations in the store.
+    """
+    query = (
+        select(Conversation.id)
+        .join(PersonaVersion, PersonaVersion.id == Conversation.persona_version_id)
+        .join(Persona, Persona.id == PersonaVersion.persona_id)
+        .outerjoin(User, User.id == Conversation.user_id)
+    )
     if persona:
         query = query.where(Persona.key == persona)
     if username:
@@ -144,12 +153,21 @@ def list_conversations(
     if limit is not None:
         query = query.limit(limit)
     with store.session() as session:
-        return [_to_row(r) for r in session.execute(query)]
+        page_ids = list(session.scalars(query))
+        if not page_ids:
+            return []
+        rows = session.execute(
+            _rows_query(only_ids=select(Conversation.id).where(Conversation.id.in_(page_ids)))
+            .where(Conversation.id.in_(page_ids))
+            .order_by(Conversation.id.desc())
+        )
+        return [_to_row(r) for r in rows]
 
 
 def get_conversation(store: Store, conversation_id: int) -> ConversationDetail:
     with store.session() as session:
-        found = session.execute(_rows_query().where(Conversation.id == conversation_id)).first()
+        one = select(Conversation.id).where(Conversation.id == conversation_id)
+        found = session.execute(_rows_query(only_ids=one).where(Conversation.id == conversation_id)).first()
         if found is None:
             raise NotFound(f"Unknown conversation id {conversation_id}")
         conv = session.get(Conversation, conversation_id)
