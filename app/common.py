@@ -5,8 +5,6 @@ Only this module and the page scripts import Streamlit; everything they do goes 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-
 import streamlit as st
 
 from callbot_core.auth import UserInfo
@@ -59,18 +57,10 @@ def require(allowed: bool, what: str) -> None:
         st.stop()
 
 
-def escape_markdown_html(text: str) -> str:
-    """Markdown with any HTML shown as text: user and model text never becomes markup.
-
-    Streamlit already refuses raw HTML unless asked; escaping as well means a `<script>` in a reply
-    is displayed literally, whatever the renderer does.
-    """
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def escaped_stream(pieces: Iterable[str]) -> Iterator[str]:
-    for piece in pieces:
-        yield escape_markdown_html(piece)
+# User and model text is passed to st.markdown / st.write_stream as it is. Streamlit renders Markdown
+# without raw HTML unless `unsafe_allow_html=True`, which this app never passes: a `<script>` in a reply
+# is shown as text (tests/test_browser.py checks it in chromium). Escaping it ourselves as well would
+# show `&lt;` literally inside code blocks.
 
 
 def fmt_ms(value: float | None) -> str:

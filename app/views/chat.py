@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.common import current_user, escape_markdown_html, escaped_stream, metric_chips, require, service, store
+from app.common import current_user, metric_chips, require, service, store
 from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.llm import available_backends
 from callbot_core.personas import persona_catalog
@@ -83,9 +83,9 @@ st.caption(f"Conversation {row.id} · {row.persona_key}@{row.persona_version} ·
 
 for message in detail.messages:
     with st.chat_message("user" if message.role == "user" else "assistant"):
-        st.markdown(escape_markdown_html(message.text))
+        st.markdown(message.text)
         if message.error:
-            st.caption(f":red-badge[failed] {escape_markdown_html(message.error)}")
+            st.caption(f":red-badge[failed] {(message.error)}")
         elif message.ttft_ms is not None:
             st.markdown(
                 metric_chips(message.ttft_ms, message.tokens_per_s, message.completion_tokens, message.total_ms)
@@ -94,7 +94,7 @@ for message in detail.messages:
 
 def _run_turn(text: str) -> None:
     with st.chat_message("user"):
-        st.markdown(escape_markdown_html(text))
+        st.markdown(text)
     try:
         turn = svc.send(cid, text)
     except InvalidInput as exc:
@@ -105,7 +105,7 @@ def _run_turn(text: str) -> None:
         return
     with st.chat_message("assistant"):
         try:
-            st.write_stream(escaped_stream(turn))
+            st.write_stream(turn)
         except CallbotError as exc:
             st.session_state[RETRY] = text
             st.error(f"The turn failed: {exc}")
@@ -141,6 +141,6 @@ else:
     short, full = st.session_state.get(SUMMARIES) or (row.summary_short, detail.summary_full)
     st.success("This conversation has ended.")
     st.subheader("Summary")
-    st.markdown(escape_markdown_html(short or "No summary was written."))
+    st.markdown(short or "No summary was written.")
     with st.expander("Full summary", expanded=True):
-        st.markdown(escape_markdown_html(full or "No summary was written."))
+        st.markdown(full or "No summary was written.")

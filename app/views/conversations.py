@@ -9,7 +9,7 @@ from itertools import groupby
 import pandas as pd
 import streamlit as st
 
-from app.common import client_addr, current_user, escape_markdown_html, fmt_ms, metric_chips, store
+from app.common import client_addr, current_user, fmt_ms, metric_chips, store
 from callbot_core.auth import list_users
 from callbot_core.errors import CallbotError
 from callbot_core.personas import persona_catalog
@@ -72,7 +72,7 @@ has_more = len(rows) > PAGE_SIZE
 rows = rows[:PAGE_SIZE]
 
 if query.strip():
-    st.caption(f"{len(hits)} match(es) for “{escape_markdown_html(query.strip())}” in {len(ids or [])} conversation(s)")
+    st.caption(f"{len(hits)} match(es) for “{(query.strip())}” in {len(ids or [])} conversation(s)")
 
 if not rows:
     st.info("No conversations match these filters.")
@@ -156,18 +156,18 @@ if open_id is not None and rows and open_id in {r.id for r in rows}:
     if r.summary_short or detail.summary_full:
         with st.container(border=True):
             st.markdown("**Summary**")
-            st.markdown(escape_markdown_html(r.summary_short or ""))
+            st.markdown(r.summary_short or "")
             if detail.summary_full:
                 with st.expander("Full summary"):
-                    st.markdown(escape_markdown_html(detail.summary_full))
+                    st.markdown(detail.summary_full)
     for day, messages in groupby(detail.messages, key=lambda m: m.created_at.date()):
         st.markdown(f"##### {day:%A %d %B %Y}")
         for m in messages:
             with st.chat_message("user" if m.role == "user" else "assistant"):
-                st.markdown(escape_markdown_html(m.text))
+                st.markdown(m.text)
                 meta = f"{m.created_at:%H:%M:%S}"
                 if m.error:
-                    st.caption(f"{meta} · :red-badge[failed] {escape_markdown_html(m.error)}")
+                    st.caption(f"{meta} · :red-badge[failed] {(m.error)}")
                 elif m.ttft_ms is not None:
                     st.markdown(f"{meta} " + metric_chips(m.ttft_ms, m.tokens_per_s, m.completion_tokens, m.total_ms))
                 else:
