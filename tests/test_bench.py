@@ -40,3 +40,19 @@ def test_llm_overhead_compares_like_with_like() -> None:
     assert r["raw_decode_tps"] > 0 and r["service_decode_tps"] > 0
     assert r["decode_ratio"] == pytest.approx(r["service_decode_tps"] / r["raw_decode_tps"], rel=1e-2)
     assert "ttft_overhead_ms" in r and r["peak_rss_mb"] > 50
+
+
+def test_app_load_times_both_pages() -> None:
+    # Same rule as tests/test_browser.py: no chromium is a skip on a laptop and a failure in CI.
+    from tests.browser import IN_CI, chromium_missing_reason
+
+    missing = chromium_missing_reason()
+    if missing:
+        if IN_CI:
+            pytest.fail(f"CI=true but {missing}: the app load bench must run in CI")
+        pytest.skip(missing)
+    r = _result("app_load.py", "--conversations", "50", "--runs", "1")
+    assert {"chat_ready_s", "conversations_ready_s", "seed_s", "peak_rss_mb", "app_rss_mb"} <= r.keys()
+    assert r["conversations"] == 50 and r["messages"] == 500
+    assert 0 < r["chat_ready_s"] < 30 and 0 < r["conversations_ready_s"] < 30
+    assert r["app_rss_mb"] > 50
