@@ -5,6 +5,9 @@ Only this module and the page scripts import Streamlit; everything they do goes 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Iterator
+
 import streamlit as st
 
 from callbot_core.auth import UserInfo
@@ -57,10 +60,32 @@ def require(allowed: bool, what: str) -> None:
         st.stop()
 
 
-# User and model text is passed to st.markdown / st.write_stream as it is. Streamlit renders Markdown
-# without raw HTML unless `unsafe_allow_html=True`, which this app never passes: a `<script>` in a reply
-# is shown as text (tests/test_browser.py checks it in chromium). Escaping it ourselves as well would
-# show `&lt;` literally inside code blocks.
+# User and model text goes to st.markdown / st.write_stream through `no_remote_images`. Streamlit renders
+# Markdown without raw HTML unless `unsafe_allow_html=True`, which this app never passes: a `<script>` in
+# a reply is shown as text (tests/test_browser.py checks it in chromium). Escaping HTML ourselves as well
+# would show `&lt;` literally inside code blocks. Markdown images are the one thing left that makes a
+# viewer's browser fetch a URL that someone else (or a model) wrote, so they are shown as links instead.
+
+_CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)
+
+
+def no_remote_images(text: str) -> str:
+    """Markdown with `![alt](url)` turned into `!`+link, leaving code spans and blocks untouched."""
+    parts = _CODE.split(text)
+    return "".join(part if i % 2 else part.replace("![", "\\![") for i, part in enumerate(parts))
+
+
+def no_remote_images_stream(pieces: Iterable[str]) -> Iterator[str]:
+    """The same for a token stream: a `!` is held back until the next piece shows whether `[` follows."""
+    held = ""
+    for piece in pieces:
+        text = held + piece
+        held = ""
+        if text.endswith("!"):
+            text, held = text[:-1], "!"
+        yield text.replace("![", "\\![")
+    if held:
+        yield held
 
 
 def fmt_ms(value: float | None) -> str:

@@ -24,7 +24,7 @@ from callbot_core.auth import AccountLocked, UserInfo, active_usernames, authent
 
 VIEWS = Path(__file__).parent / "views"
 COOKIE_NAME = "callbot_auth"
-JUST_SIGNED_IN = "cb_just_signed_in"
+WANTED_PAGE = "cb_wanted_page"
 # streamlit-authenticator waits this long before showing the form so its cookie component can report a
 # saved sign-in; its 0.7 s default makes every fresh page load feel slow.
 LOGIN_SLEEP_S = 0.3
@@ -58,12 +58,9 @@ def _authenticator(users: dict[str, UserInfo]) -> stauth.Authenticate:
 
     def check_credentials(username: str, password: str) -> bool:
         try:
-            ok = authenticate(store(), username, password, client_addr=client_addr()) is not None
+            return authenticate(store(), username, password, client_addr=client_addr()) is not None
         except AccountLocked as exc:
             raise LoginError(str(exc)) from exc
-        if ok:
-            st.session_state[JUST_SIGNED_IN] = True
-        return ok
 
     authenticator.authentication_controller.authentication_model.check_credentials = check_credentials  # type: ignore[method-assign]
     return authenticator
@@ -77,8 +74,8 @@ def _signed_in_user() -> tuple[UserInfo | None, stauth.Authenticate]:
     except LoginError as exc:
         st.error(str(exc))
         return None, authenticator
-    if st.session_state.pop(JUST_SIGNED_IN, False):
-        st.rerun()  # draw the workbench without the sign-in form that was on screen this run
+    # No st.rerun() after a form sign-in: it would cancel the cookie component that is writing the
+    # sign-in cookie. The form goes away on the rerun that component triggers once the cookie is set.
     status = st.session_state.get("authentication_status")
     username = st.session_state.get("username")
     if status and username in users:
@@ -91,6 +88,26 @@ def _signed_in_user() -> tuple[UserInfo | None, stauth.Authenticate]:
         st.error("Username or password is incorrect.")
     return None, authenticator
 
+
+def _remember_wanted_page() -> None:
+    """Keep the page a signed-out visitor asked for (/conversations, /admin…) to open after sign-in.
+
+    Without this a deep link is lost: the cookie component's first answer reruns the script before
+    it reaches st.navigation, and that rerun carries no page.
+    """
+    try:
+        url = st.context.url
+    except Exception:  # no browser behind the session (tests, bare mode)
+        return
+    if isinstance(url, str):
+        path = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        if path in PAGE_PATHS:
+            st.session_state.setdefault(WANTED_PAGE, path)
+
+
+PAGE_PATHS = ("chat", "conversations", "admin")
+if not st.session_state.get("authentication_status"):
+    _remember_wanted_page()
 
 user, authenticator = _signed_in_user()
 if user is None:
@@ -115,7 +132,15 @@ with st.sidebar:
         callback=lambda _: audit.log(store(), "logout", actor=user.username, client_addr=client_addr()),
     )
     if not st.session_state.get("authentication_status"):
-        st.session_state.clear()
-        st.rerun()
+        # Keep the library's `logout` flag (it stops the cookie signing the user straight back in) and
+        # stop rather than rerun, so the cookie component can delete the cookie in the browser.
+        for key in [k for k in st.session_state if k != "logout"]:
+            del st.session_state[key]
+        st.stop()
 
-st.navigation(pages).run()
+current = st.navigation(pages)
+wanted = st.session_state.pop(WANTED_PAGE, None)
+target = next((p for p in pages if p.url_path == wanted), None)
+if target is not None and target.url_path != current.url_path:
+    st.switch_page(target)
+current.run()

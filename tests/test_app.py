@@ -68,6 +68,9 @@ def sign_in(username: str, password: str) -> AppTest:
     at.text_input[1].input(password)
     at.button[0].click()
     at.run()
+    if not at.error:
+        # In a browser the cookie component reruns the script once it has stored the sign-in cookie.
+        at.run()
     assert not at.exception, at.exception
     return at
 
@@ -143,8 +146,11 @@ def test_sign_out(app_store: Store) -> None:
     at = sign_in("rita", PW)
     _button(at, "Sign out").click()
     at.run()
-    assert _titles(at) == []
+    assert _titles(at) == [] and not at.chat_input
+    at.run()  # in a browser, the cookie component's answer to the deletion reruns the script
     assert [t.label for t in at.text_input] == ["Username", "Password"]
+    with app_store.session() as session:
+        assert session.scalars(select(AuditLog).where(AuditLog.action == "logout")).first() is not None
 
 
 # -- roles -------------------------------------------------------------------------------------
@@ -212,6 +218,8 @@ def test_html_in_messages_is_shown_as_text(app_store: Store) -> None:
     # Passed to Markdown as typed; Streamlit shows HTML as text (the browser test checks the rendering).
     assert _chat_texts(at)[1] == "<script>alert(1)</script> <b>hi</b>"
     assert not at.html  # nothing on the page is rendered as raw HTML
+    at.chat_input(key="chat_input").set_value("look ![pixel](http://127.0.0.1:9/track.png)").run()
+    assert _chat_texts(at)[3] == "look \\![pixel](http://127.0.0.1:9/track.png)"  # a link, not an image
 
 
 def test_a_failed_turn_is_explained_and_can_be_retried(app_store: Store, fake_ollama: FakeOllama) -> None:

@@ -176,10 +176,6 @@ def test_code_in_a_message_shows_its_angle_brackets(page: Page, app: RunningApp)
     assert code.inner_text() == "<div>"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="app bug: the st.rerun() right after sign-in drops the cookie component before it sets callbot_auth",
-)
 def test_reload_keeps_the_user_signed_in(page: Page, app: RunningApp) -> None:
     from playwright.sync_api import expect
 
@@ -193,10 +189,6 @@ def test_reload_keeps_the_user_signed_in(page: Page, app: RunningApp) -> None:
     expect(sign_out).to_be_visible()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="app bug: a rerun that arrives before the first run reaches st.navigation drops the URL's page",
-)
 def test_a_deep_link_survives_sign_in(page: Page, app: RunningApp) -> None:
     from playwright.sync_api import expect
 

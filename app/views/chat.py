@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.common import current_user, metric_chips, require, service, store
+from app.common import current_user, metric_chips, no_remote_images, no_remote_images_stream, require, service, store
 from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.llm import available_backends
 from callbot_core.personas import persona_catalog
@@ -51,7 +51,7 @@ with st.container(border=True):
     models, model_error = _models(backend)
     model = c4.selectbox("Model", models, key=f"chat_model_{backend}", disabled=not models)
     if model_error:
-        st.error(model_error)
+        st.error(no_remote_images(model_error))
     start = st.button(
         "New conversation", type="primary", disabled=not models, help="Start talking to this persona version"
     )
@@ -83,9 +83,9 @@ st.caption(f"Conversation {row.id} · {row.persona_key}@{row.persona_version} ·
 
 for message in detail.messages:
     with st.chat_message("user" if message.role == "user" else "assistant"):
-        st.markdown(message.text)
+        st.markdown(no_remote_images(message.text))
         if message.error:
-            st.caption(f":red-badge[failed] {(message.error)}")
+            st.caption(f":red-badge[failed] {no_remote_images(message.error)}")
         elif message.ttft_ms is not None:
             st.markdown(
                 metric_chips(message.ttft_ms, message.tokens_per_s, message.completion_tokens, message.total_ms)
@@ -94,7 +94,7 @@ for message in detail.messages:
 
 def _run_turn(text: str) -> None:
     with st.chat_message("user"):
-        st.markdown(text)
+        st.markdown(no_remote_images(text))
     try:
         turn = svc.send(cid, text)
     except InvalidInput as exc:
@@ -105,10 +105,10 @@ def _run_turn(text: str) -> None:
         return
     with st.chat_message("assistant"):
         try:
-            st.write_stream(turn)
+            st.write_stream(no_remote_images_stream(turn))
         except CallbotError as exc:
             st.session_state[RETRY] = text
-            st.error(f"The turn failed: {exc}")
+            st.error(no_remote_images(f"The turn failed: {exc}"))
             return
         st.session_state.pop(RETRY, None)
         result = turn.result
@@ -141,6 +141,6 @@ else:
     short, full = st.session_state.get(SUMMARIES) or (row.summary_short, detail.summary_full)
     st.success("This conversation has ended.")
     st.subheader("Summary")
-    st.markdown(short or "No summary was written.")
+    st.markdown(no_remote_images(short or "No summary was written."))
     with st.expander("Full summary", expanded=True):
-        st.markdown(full or "No summary was written.")
+        st.markdown(no_remote_images(full or "No summary was written."))

@@ -9,7 +9,7 @@ from itertools import groupby
 import pandas as pd
 import streamlit as st
 
-from app.common import client_addr, current_user, fmt_ms, metric_chips, store
+from app.common import client_addr, current_user, fmt_ms, metric_chips, no_remote_images, store
 from callbot_core.auth import list_users
 from callbot_core.errors import CallbotError
 from callbot_core.personas import persona_catalog
@@ -156,18 +156,18 @@ if open_id is not None and rows and open_id in {r.id for r in rows}:
     if r.summary_short or detail.summary_full:
         with st.container(border=True):
             st.markdown("**Summary**")
-            st.markdown(r.summary_short or "")
+            st.markdown(no_remote_images(r.summary_short or ""))
             if detail.summary_full:
                 with st.expander("Full summary"):
-                    st.markdown(detail.summary_full)
+                    st.markdown(no_remote_images(detail.summary_full))
     for day, messages in groupby(detail.messages, key=lambda m: m.created_at.date()):
         st.markdown(f"##### {day:%A %d %B %Y}")
         for m in messages:
             with st.chat_message("user" if m.role == "user" else "assistant"):
-                st.markdown(m.text)
+                st.markdown(no_remote_images(m.text))
                 meta = f"{m.created_at:%H:%M:%S}"
                 if m.error:
-                    st.caption(f"{meta} · :red-badge[failed] {(m.error)}")
+                    st.caption(f"{meta} · :red-badge[failed] {no_remote_images(m.error)}")
                 elif m.ttft_ms is not None:
                     st.markdown(f"{meta} " + metric_chips(m.ttft_ms, m.tokens_per_s, m.completion_tokens, m.total_ms))
                 else:
