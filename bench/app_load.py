@@ -10,10 +10,9 @@ Playwright. Each figure is the median of 5 runs:
 - `chat_click_s`, `conversations_click_s`: the same pages reached by their sidebar links (same session,
   no page load), for comparison.
 
-A page.goto opens a new Streamlit session, so it only stays signed in through the sign-in cookie. The
-bench mints that cookie itself (the HS256 token streamlit-authenticator issues, signed with the app's
-secret from the runtime folder) rather than relying on the browser to have kept it: what is timed is
-"open a bookmarked page while signed in". Targets: `chat_ready_s` <= 2 and `conversations_ready_s` <= 2.
+A page.goto opens a new Streamlit session, so it stays signed in through the sign-in cookie the app set
+when the bench signed in through the form: what is timed is "open a bookmarked page while signed in".
+Targets: `chat_ready_s` <= 2 and `conversations_ready_s` <= 2.
 
     .venv/bin/python bench/app_load.py [--conversations 10000] [--runs 5]
 """
@@ -37,7 +36,6 @@ from sqlalchemy import func, select  # noqa: E402
 
 from bench._common import emit, median, peak_rss_mb  # noqa: E402
 from callbot_core.auth import ensure_admin  # noqa: E402
-from callbot_core.settings import Settings  # noqa: E402
 from callbot_core.store import Store  # noqa: E402
 from callbot_core.store.models import Conversation, Message, Persona, PersonaVersion, TurnMetrics, User  # noqa: E402
 from tests.browser import (  # noqa: E402
@@ -225,15 +223,14 @@ def seed(store: Store, conversations: int, *, rng_seed: int = 1234) -> dict[str,
     return counts
 
 
-def _signed_in_cookie(runtime_dir: Path, database_url: str, base_url: str) -> dict[str, Any]:
-    """The cookie streamlit-authenticator would have set at sign-in: {'username', 'exp_date'} as HS256."""
-    import jwt
-
-    # secret_key=None: the app runs without the caller's CALLBOT_* variables, so it uses the runtime folder's.
-    settings = Settings(_env_file=None, runtime_dir=runtime_dir, database_url=database_url, secret_key=None)  # type: ignore[call-arg]
-    exp = (datetime.now() + timedelta(days=1)).timestamp()
-    token = jwt.encode({"username": ADMIN_USERNAME, "exp_date": exp}, settings.secret(), algorithm="HS256")
-    return {"name": COOKIE_NAME, "value": token, "url": base_url, "sameSite": "Strict"}
+def _wait_for_sign_in_cookie(context: Any) -> None:
+    """The app writes its sign-in cookie through a browser component, just after the sign-in run."""
+    deadline = time.monotonic() + READY_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        if any(c["name"] == COOKIE_NAME for c in context.cookies()):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the app did not set its sign-in cookie after signing in")
 
 
 def _timed(page: Page, name: str, action: Callable[[], None], ready: Callable[[], None]) -> float:
@@ -264,8 +261,8 @@ def _conversations_ready(page: Page) -> None:
 def _conversations_from_url(page: Page, redirected: list[bool]) -> None:
     """Ready after page.goto(BASE/conversations); if the app lands on Chat instead, go on by the sidebar link.
 
-    The app currently loses a deep link's page when a rerun arrives before its first run reaches
-    st.navigation (see bench/RESULTS.md); the time then includes the detour, and `redirected` says so.
+    A deep link must survive the sign-in cookie's rerun (the app remembers the wanted page); should it
+    ever be lost again, the time includes the detour and `redirected` (so conversations_deep_link_ok=0) says so.
     """
     table = page.locator("[data-testid=stDataFrame], [data-testid=stTable]").first
     chat = page.get_by_role("button", name="New conversation")
@@ -283,10 +280,10 @@ def _check_signed_in(page: Page, where: str) -> None:
     login = page.get_by_text("Sign in to Callbot Workbench")
     expect(sign_out.or_(login).first).to_be_visible(timeout=READY_TIMEOUT_MS)
     if not sign_out.is_visible():
-        raise RuntimeError(f"{where}: the app showed its sign-in form; the minted sign-in cookie was not accepted")
+        raise RuntimeError(f"{where}: the app showed its sign-in form; its sign-in cookie was not accepted")
 
 
-def measure(base_url: str, runtime_dir: Path, database_url: str, runs: int) -> tuple[dict[str, list[float]], int]:
+def measure(base_url: str, runs: int) -> tuple[dict[str, list[float]], int]:
     """Per-run times of the four navigations, and how many /conversations loads were redirected to Chat."""
     from playwright.sync_api import sync_playwright
 
@@ -318,7 +315,7 @@ def measure(base_url: str, runtime_dir: Path, database_url: str, runs: int) -> t
 
         # A real sign-in first: it exercises the form and warms the app (page scripts, the model list).
         sign_in(page, base_url, ADMIN_USERNAME, ADMIN_PASSWORD)
-        context.add_cookies([_signed_in_cookie(runtime_dir, database_url, base_url)])  # type: ignore[list-item]
+        _wait_for_sign_in_cookie(context)
         warm_chat = chat_goto()
         _check_signed_in(page, "/chat")
         warm_conv = conv_goto()
@@ -350,7 +347,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="callbot-app-load-") as tmp:
         workdir = Path(tmp)
-        runtime_dir = workdir / "runtime"
+
         url = f"sqlite:///{workdir / 'callbot.db'}"
         store = Store(url)
         store.upgrade()
@@ -368,7 +365,7 @@ def main() -> None:
 
         # The store is migrated and seeded already: `callbot db upgrade` again would only be a no-op.
         with running_app(workdir, database_url=url, upgrade=False) as app:
-            times, redirected = measure(app.base_url, runtime_dir, url, args.runs)
+            times, redirected = measure(app.base_url, args.runs)
             app_rss = process_rss_mb(app.process.pid)
 
     chat_s, conv_s = median(times["chat_goto"]), median(times["conv_goto"])
