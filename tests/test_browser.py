@@ -180,6 +180,8 @@ def test_reload_keeps_the_user_signed_in(page: Page, app: RunningApp) -> None:
     from playwright.sync_api import expect
 
     sign_in(page, app.base_url)
+    # The cookie is written by a browser component just after the signed-in page is drawn: wait for it.
+    page.wait_for_function("document.cookie.includes('callbot_auth=')", timeout=15_000)
     page.reload()
     login_form = page.get_by_text("Sign in to Callbot Workbench")
     sign_out = page.get_by_role("button", name="Sign out")
