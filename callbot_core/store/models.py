@@ -193,3 +193,75 @@ class AuditLog(Base):
     detail: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     client_addr: Mapped[str | None] = mapped_column(String(64))
+
+
+REPORT_STATUSES = ("queued", "running", "succeeded", "failed")
+
+
+class SavedQuery(Base):
+    """A named SQL query a user keeps on the Analytics page; `shared` lets every user see and run it."""
+
+    __tablename__ = "saved_queries"
+    __table_args__ = (UniqueConstraint("owner_id", "name", name="uq_saved_queries_owner_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(120))
+    description: Mapped[str] = mapped_column(Text, default="")
+    sql: Mapped[str] = mapped_column(Text)
+    shared: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ReportRun(Base):
+    """One execution of a report notebook (by a user, the CLI or the scheduler)."""
+
+    __tablename__ = "report_runs"
+    __table_args__ = (CheckConstraint(_in("status", REPORT_STATUSES), name="status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(120), index=True)
+    parameters: Mapped[dict | None] = mapped_column(JSON)
+    requested_by: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    output_html: Mapped[str | None] = mapped_column(Text)
+    output_notebook: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class PipelineRun(Base):
+    """A scheduled job's claim on one due time. The unique (job, due_at) pair is what makes two
+    overlapping `run-due` calls unable to run the same job twice: the second insert fails."""
+
+    __tablename__ = "pipeline_runs"
+    __table_args__ = (
+        UniqueConstraint("job", "due_at", name="uq_pipeline_runs_job_due_at"),
+        CheckConstraint(_in("status", REPORT_STATUSES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job: Mapped[str] = mapped_column(String(120))
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    report_run_id: Mapped[int | None] = mapped_column(ForeignKey("report_runs.id", ondelete="SET NULL"))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class SystemMetrics(Base):
+    """A snapshot of the machine and this process, taken by a pipeline (psutil)."""
+
+    __tablename__ = "system_metrics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    taken_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    host: Mapped[str] = mapped_column(String(200))
+    cpu_percent: Mapped[float] = mapped_column(Float)
+    memory_percent: Mapped[float] = mapped_column(Float)
+    memory_used_mb: Mapped[float] = mapped_column(Float)
+    disk_percent: Mapped[float] = mapped_column(Float)
+    process_rss_mb: Mapped[float] = mapped_column(Float)
