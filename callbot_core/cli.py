@@ -359,6 +359,16 @@ def export_conversations_cmd(fmt: str, out: Path) -> None:
     click.echo(f"Exported {count} conversation(s) to {out}.")
 
 
+# -- commands kept in their own modules ---------------------------------------------------------
+
+from .cli_analytics import sql_cmd  # noqa: E402
+from .cli_reports import pipelines, report  # noqa: E402
+
+cli.add_command(sql_cmd)
+cli.add_command(report)
+cli.add_command(pipelines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: engine errors become one clear line on stderr and exit status 1."""
     try:
