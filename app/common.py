@@ -103,3 +103,15 @@ def metric_chips(
     if total_ms is not None:
         chips.append(f":gray-badge[total {fmt_ms(total_ms)}]")
     return " ".join(chips)
+
+
+@st.cache_resource(show_spinner=False)
+def _analytics():  # type: ignore[no-untyped-def]
+    from callbot_core.analytics import Analytics
+
+    return Analytics.open(_engine()[0])
+
+
+def analytics():  # type: ignore[no-untyped-def]
+    """The process's analytics handle (DuckDB snapshot of the store; refreshed before each query)."""
+    return _analytics()

@@ -105,7 +105,7 @@ def _remember_wanted_page() -> None:
             st.session_state.setdefault(WANTED_PAGE, path)
 
 
-PAGE_PATHS = ("chat", "conversations", "admin")
+PAGE_PATHS = ("chat", "conversations", "analytics", "dashboards", "reports", "admin")
 if not st.session_state.get("authentication_status"):
     _remember_wanted_page()
 
@@ -121,6 +121,9 @@ if user.can_chat:
 pages.append(
     st.Page(VIEWS / "conversations.py", title="Conversations", icon=":material/forum:", url_path="conversations")
 )
+pages.append(st.Page(VIEWS / "analytics.py", title="Analytics", icon=":material/query_stats:", url_path="analytics"))
+pages.append(st.Page(VIEWS / "dashboards.py", title="Dashboards", icon=":material/monitoring:", url_path="dashboards"))
+pages.append(st.Page(VIEWS / "reports.py", title="Reports", icon=":material/description:", url_path="reports"))
 if user.is_admin:
     pages.append(st.Page(VIEWS / "admin.py", title="Admin", icon=":material/admin_panel_settings:", url_path="admin"))
 

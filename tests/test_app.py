@@ -3,106 +3,42 @@ embedded model, failures and retry through an Ollama-protocol server, the Conver
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import streamlit as st
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from callbot_core.auth import MAX_FAILED_LOGINS, create_user, ensure_admin, get_user_info
-from callbot_core.settings import get_settings
+from callbot_core.auth import MAX_FAILED_LOGINS, create_user, get_user_info
 from callbot_core.store import Store
 from callbot_core.store.models import AuditLog
+from tests.apphelpers import (  # noqa: F401  (fixtures)
+    ADMIN_PW,
+    APP,
+    PW,
+    app_store,
+    button,
+    fake_ollama,
+    known_pages_error,
+    new_app,
+    sign_in,
+    titles,
+)
 from tests.fake_ollama import FakeOllama
-
-APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
-ADMIN_PW = "admin-pass-1"
-PW = "long-enough-1"
-
-
-@pytest.fixture(scope="module")
-def fake_ollama() -> Iterator[FakeOllama]:
-    with FakeOllama(reply=("Our", " hours", " are", " 8", " to", " 6", ".")) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def app_store(tmp_path_factory: pytest.TempPathFactory, fake_ollama: FakeOllama) -> Iterator[Store]:
-    tmp = tmp_path_factory.mktemp("app")
-    mp = pytest.MonkeyPatch()
-    for key, value in {
-        "CALLBOT_DATABASE_URL": f"sqlite:///{tmp / 'app.db'}",
-        "CALLBOT_RUNTIME_DIR": str(tmp / "runtime"),
-        "CALLBOT_OLLAMA_URL": fake_ollama.url,
-        "CALLBOT_LLM_READ_TIMEOUT_S": "2",
-        "CALLBOT_LLM_BACKEND": "embedded",
-    }.items():
-        mp.setenv(key, value)
-    get_settings.cache_clear()
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    store = Store(f"sqlite:///{tmp / 'app.db'}")
-    store.upgrade()
-    ensure_admin(store, ADMIN_PW)
-    create_user(store, "rita", PW, role="researcher")
-    create_user(store, "vera", PW, role="viewer")
-    yield store
-    mp.undo()
-    get_settings.cache_clear()
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    store.dispose()
-
-
-def _app() -> AppTest:
-    return AppTest.from_file(APP, default_timeout=120)
-
-
-def sign_in(username: str, password: str) -> AppTest:
-    at = _app()
-    at.run()
-    assert [t.label for t in at.text_input] == ["Username", "Password"]
-    at.text_input[0].input(username)
-    at.text_input[1].input(password)
-    at.button[0].click()
-    at.run()
-    if not at.error:
-        # In a browser the cookie component reruns the script once it has stored the sign-in cookie.
-        at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-def _button(at: AppTest, label: str):  # type: ignore[no-untyped-def]
-    return next(b for b in at.button if b.label == label)
-
-
-def _titles(at: AppTest) -> list[str]:
-    return [t.value for t in at.title]
-
-
-def _known_pages_error(at: AppTest, page: str) -> str:
-    with pytest.raises(ValueError, match="Known pages") as info:
-        at.switch_page(page)
-    return str(info.value)
-
 
 # -- sign-in -----------------------------------------------------------------------------------
 
 
 def test_nothing_shows_before_sign_in(app_store: Store) -> None:
-    at = _app()
+    at = new_app()
     at.run()
-    assert _titles(at) == []
+    assert titles(at) == []
     assert [b.label for b in at.button] == ["Login"]
     assert not at.chat_input and not at.dataframe
 
 
 def test_right_password_signs_in_and_is_audited(app_store: Store) -> None:
     at = sign_in("admin", ADMIN_PW)
-    assert _titles(at) == ["Chat"]
+    assert titles(at) == ["Chat"]
     assert "Login" not in [b.label for b in at.button]
     assert get_user_info(app_store, "admin").last_login_at is not None
     with app_store.session() as session:
@@ -112,10 +48,10 @@ def test_right_password_signs_in_and_is_audited(app_store: Store) -> None:
 def test_wrong_password_is_refused(app_store: Store) -> None:
     at = sign_in("rita", "not-the-password")
     assert "Username or password is incorrect." in [e.value for e in at.error]
-    assert _titles(at) == []
+    assert titles(at) == []
     assert get_user_info(app_store, "rita").failed_logins == 1
     at = sign_in("rita", PW)  # a success resets the count
-    assert _titles(at) == ["Chat"]
+    assert titles(at) == ["Chat"]
     assert get_user_info(app_store, "rita").failed_logins == 0
 
 
@@ -127,16 +63,16 @@ def test_five_failures_lock_the_account_until_an_admin_unlocks_it(app_store: Sto
     assert any("is locked" in e.value for e in fifth.error)
     # Even the right password is refused while locked.
     locked = sign_in("luke", PW)
-    assert any("is locked" in e.value for e in locked.error) and _titles(locked) == []
+    assert any("is locked" in e.value for e in locked.error) and titles(locked) == []
     assert get_user_info(app_store, "luke").locked_until is not None
 
     admin = sign_in("admin", ADMIN_PW)
     admin.switch_page(str(Path(APP).parent / "views" / "admin.py")).run()
     admin.selectbox(key="admin_unlock_user").select("luke")
-    _button(admin, "Unlock").click()
+    button(admin, "Unlock").click()
     admin.run()
     assert "luke unlocked." in [s.value for s in admin.success]
-    assert _titles(sign_in("luke", PW)) == ["Chat"]
+    assert titles(sign_in("luke", PW)) == ["Chat"]
     with app_store.session() as session:
         actions = set(session.scalars(select(AuditLog.action).where(AuditLog.target == "luke")))
     assert {"user.locked", "user.unlock"} <= actions
@@ -144,9 +80,9 @@ def test_five_failures_lock_the_account_until_an_admin_unlocks_it(app_store: Sto
 
 def test_sign_out(app_store: Store) -> None:
     at = sign_in("rita", PW)
-    _button(at, "Sign out").click()
+    button(at, "Sign out").click()
     at.run()
-    assert _titles(at) == [] and not at.chat_input
+    assert titles(at) == [] and not at.chat_input
     at.run()  # in a browser, the cookie component's answer to the deletion reruns the script
     assert [t.label for t in at.text_input] == ["Username", "Password"]
     with app_store.session() as session:
@@ -158,18 +94,18 @@ def test_sign_out(app_store: Store) -> None:
 
 def test_pages_per_role(app_store: Store) -> None:
     viewer = sign_in("vera", PW)
-    assert _titles(viewer) == ["Conversations"]
-    known = _known_pages_error(viewer, str(Path(APP).parent / "views" / "chat.py"))
+    assert titles(viewer) == ["Conversations"]
+    known = known_pages_error(viewer, str(Path(APP).parent / "views" / "chat.py"))
     assert "conversations.py" in known and "chat.py'" not in known.split("Known pages")[1]
-    _known_pages_error(viewer, str(Path(APP).parent / "views" / "admin.py"))
+    known_pages_error(viewer, str(Path(APP).parent / "views" / "admin.py"))
 
     researcher = sign_in("rita", PW)
-    assert _titles(researcher) == ["Chat"]
-    _known_pages_error(researcher, str(Path(APP).parent / "views" / "admin.py"))
+    assert titles(researcher) == ["Chat"]
+    known_pages_error(researcher, str(Path(APP).parent / "views" / "admin.py"))
 
     admin = sign_in("admin", ADMIN_PW)
     admin.switch_page(str(Path(APP).parent / "views" / "admin.py")).run()
-    assert _titles(admin) == ["Admin"]
+    assert titles(admin) == ["Admin"]
 
 
 # -- chat --------------------------------------------------------------------------------------
@@ -183,7 +119,7 @@ def _start(at: AppTest, backend: str = "embedded") -> None:
     )
     at.selectbox(key="chat_backend").select(backend)
     at.run()
-    _button(at, "New conversation").click()
+    button(at, "New conversation").click()
     at.run()
     assert not at.exception, at.exception
 
@@ -204,7 +140,7 @@ def test_a_chat_turn_with_the_embedded_model(app_store: Store) -> None:
     chips = [md.value for md in at.markdown if "TTFT" in md.value]
     assert chips and "tok/s" in chips[-1] and "tokens" in chips[-1]
 
-    _button(at, "End conversation").click()
+    button(at, "End conversation").click()
     at.run()
     assert "This conversation has ended." in [s.value for s in at.success]
     assert [h.value for h in at.subheader] == ["Summary"]
@@ -234,7 +170,7 @@ def test_a_failed_turn_is_explained_and_can_be_retried(app_store: Store, fake_ol
         assert "The last turn failed and was not answered." in [w.value for w in at.warning]
     finally:
         fake_ollama.mode = "normal"
-    _button(at, "Retry the last message").click()
+    button(at, "Retry the last message").click()
     at.run()
     assert not at.error
     at.run()
@@ -261,7 +197,7 @@ def test_conversations_page_lists_searches_opens_exports_and_deletes(app_store: 
 
     at = sign_in("admin", ADMIN_PW)
     at.switch_page(str(Path(APP).parent / "views" / "conversations.py")).run()
-    assert _titles(at) == ["Conversations"]
+    assert titles(at) == ["Conversations"]
     table = at.dataframe[0].value
     assert {"id", "persona", "user", "turns", "mean TTFT ms"} <= set(table.columns)
     assert "rita" in set(table["user"])
@@ -276,12 +212,12 @@ def test_conversations_page_lists_searches_opens_exports_and_deletes(app_store: 
     assert any("flamingo" in t for t in _chat_texts(at))
     assert any(md.value.startswith("#####") for md in at.markdown)  # grouped under a date heading
 
-    _button(at, "Export CSV").click()
+    button(at, "Export CSV").click()
     at.run()
     assert any(b.label.startswith("Download 1 conversation(s) as CSV") for b in at.get("download_button"))
 
     at.checkbox(key="conv_delete_ok").check().run()
-    _button(at, "Delete").click()
+    button(at, "Delete").click()
     at.run()
     assert not at.exception
     assert at.text_input(key="conv_search").value == "flamingo"
@@ -308,27 +244,27 @@ def test_admin_adds_a_user_changes_a_role_and_resets_a_password(app_store: Store
     at.text_input(key="admin_new_username").input("Nina")
     at.text_input(key="admin_new_password").input("nina-pass-123")
     at.selectbox(key="admin_new_role").select("viewer")
-    _button(at, "Add user").click()
+    button(at, "Add user").click()
     at.run()
     assert "User 'nina' added." in [s.value for s in at.success]
     assert get_user_info(app_store, "nina").role == "viewer"
 
     at.selectbox(key="admin_role_user").select("nina")
     at.selectbox(key="admin_role_role").select("researcher")
-    _button(at, "Change role").click()
+    button(at, "Change role").click()
     at.run()
     assert get_user_info(app_store, "nina").role == "researcher"
 
     at.selectbox(key="admin_pw_user").select("nina")
     at.text_input(key="admin_pw_password").input("short")
-    _button(at, "Reset password").click()
+    button(at, "Reset password").click()
     at.run()
     assert any("too short" in e.value for e in at.error)
     at.selectbox(key="admin_pw_user").select("nina")
     at.text_input(key="admin_pw_password").input("brand-new-pass")
-    _button(at, "Reset password").click()
+    button(at, "Reset password").click()
     at.run()
-    assert _titles(sign_in("nina", "brand-new-pass")) == ["Chat"]
+    assert titles(sign_in("nina", "brand-new-pass")) == ["Chat"]
 
     audit_frame = next(df.value for df in at.dataframe if "action" in df.value.columns)
     assert {"user.add", "user.role"} <= set(audit_frame["action"])

@@ -1,0 +1,104 @@
+"""Reports: notebook runs (papermill), opened as HTML; researchers and admins start runs with parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+import streamlit.components.v1 as components
+
+from app.common import current_user, settings, store
+from callbot_core.errors import CallbotError
+from callbot_core.reports import REPORTS, get_run, list_runs, report_parameters, run_report
+
+OPEN = "reports_open_id"
+
+user = current_user()
+st.title("Reports")
+
+if user.can_chat:
+    with st.expander("Run a report", expanded=False):
+        name = st.selectbox("Report", sorted(REPORTS), key="reports_name")
+        defaults = report_parameters(name)
+        values: dict[str, str] = {}
+        columns = st.columns(max(1, len(defaults)))
+        for column, (key, default) in zip(columns, defaults.items(), strict=False):
+            values[key] = column.text_input(
+                key, value="" if default is None else str(default), key=f"reports_param_{name}_{key}",
+                help="Leave empty for the default (all / the configured store)",
+            )  # fmt: skip
+        if st.button("Run report", type="primary", key="reports_run"):
+            bar = st.progress(0.0, text="Starting the notebook…")
+
+            def _progress(done: int, total: int) -> None:
+                bar.progress(done / total if total else 1.0, text=f"Cell {done} of {total}")
+
+            params = {k: v for k, v in values.items() if v.strip()}
+            try:
+                run = run_report(store(), name, params, requested_by=user.username, progress=_progress,
+                                 settings=settings())  # fmt: skip
+            except CallbotError as exc:
+                st.error(str(exc))
+            else:
+                bar.progress(1.0, text="Done")
+                st.session_state[OPEN] = run.id
+                if run.status == "failed":
+                    st.error(f"Report run {run.id} failed: {run.error}")
+                else:
+                    st.success(f"Report run {run.id} finished.")
+
+runs = list_runs(store(), limit=200)
+if not runs:
+    st.info(
+        "No report runs yet." + (" Run one above, or `callbot report run performance_report`." if user.can_chat else "")
+    )
+    st.stop()
+
+st.dataframe(
+    pd.DataFrame(
+        [
+            {
+                "id": r.id,
+                "report": r.name,
+                "parameters": ", ".join(f"{k}={v}" for k, v in (r.parameters or {}).items()),
+                "by": r.requested_by or "",
+                "started": r.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+                "finished": r.finished_at.strftime("%H:%M:%S") if r.finished_at else "",
+                "status": r.status,
+            }
+            for r in runs
+        ]
+    ),
+    hide_index=True,
+    width="stretch",
+    key="reports_table",
+)
+
+labels = {r.id: f"#{r.id} · {r.name} · {r.status} · {r.started_at:%Y-%m-%d %H:%M}" for r in runs}
+current = st.session_state.get(OPEN)
+chosen = st.selectbox(
+    "Open a report", list(labels), format_func=labels.get, placeholder="Choose a run",
+    index=list(labels).index(current) if current in labels else None, key="reports_open_select",
+)  # fmt: skip
+if chosen is not None:
+    st.session_state[OPEN] = chosen
+    try:
+        run = get_run(store(), chosen)
+    except CallbotError as exc:
+        st.error(str(exc))
+        st.stop()
+    if run.status == "failed":
+        st.error(f"This run failed: {run.error}")
+    html_path = Path(run.output_html) if run.output_html else None
+    if html_path is not None and html_path.is_file():
+        page = html_path.read_text(encoding="utf-8")
+        st.download_button("Download the report (HTML)", page.encode("utf-8"), html_path.name, "text/html",
+                           key="reports_download")  # fmt: skip
+        # The report is our own notebook's output (pandas and plotly escape the data they show); it runs in
+        # Streamlit's sandboxed iframe so its scripts (plotly) cannot reach the app.
+        components.html(page, height=900, scrolling=True)
+    elif run.status == "running":
+        st.info("This run is still going.")
+    else:
+        st.warning("This run has no HTML output.")
