@@ -59,7 +59,7 @@ def test_builtin_queries_load_and_run(with_turns: Store) -> None:
     at = _analytics()
     options = at.selectbox(key="analytics_canned").options
     for index in range(len(options)):
-        at.selectbox(key="analytics_canned").select_index(index).run()
+        at.selectbox(key="analytics_canned").select(index).run()
         button(at, "Load into the editor").click()
         at.run()
         button(at, "Run").click()

@@ -104,17 +104,12 @@ if result is not None:
         k1, k2, k3, k4 = st.columns(4)
         kind = k1.selectbox("Chart", CHART_KINDS, key="analytics_chart_kind")
         x = k2.selectbox("X", columns, key="analytics_chart_x")
+        color = k4.selectbox("Colour", [None, *columns], key="analytics_chart_color", format_func=lambda c: c or "none")
         numeric = [c for c in columns if pd.api.types.is_numeric_dtype(frame[c])]
-        y = k3.selectbox(
-            "Y", numeric, index=0 if numeric else None, key="analytics_chart_y", disabled=kind == "histogram"
-        )
-        color = k4.selectbox("Colour", [None, *columns], key="analytics_chart_color")
-        if kind == "histogram":
+        if kind == "histogram" or not numeric:
+            k3.caption("Histogram of X" if kind == "histogram" else "No numeric column: showing a histogram of X")
             fig = px.histogram(frame, x=x, color=color)
-        elif y is None:
-            fig = None
-            st.info("The result has no numeric column to plot.")
         else:
+            y = k3.selectbox("Y", numeric, key="analytics_chart_y")
             fig = getattr(px, kind)(frame, x=x, y=y, color=color)
-        if fig is not None:
-            st.plotly_chart(fig, key="analytics_chart")
+        st.plotly_chart(fig, key="analytics_chart")

@@ -14,7 +14,7 @@ from callbot_core.errors import CallbotError
 from callbot_core.llm import available_backends
 from callbot_core.personas import persona_catalog
 
-EXPORT = "dash_export"
+EXPORT = "dash_export_files"
 
 user = current_user()
 st.title("Dashboards")
