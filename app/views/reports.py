@@ -21,6 +21,9 @@ if user.can_chat:
     with st.expander("Run a report", expanded=False):
         name = st.selectbox("Report", sorted(REPORTS), key="reports_name")
         defaults = report_parameters(name)
+        if not user.is_admin:
+            # Pointing a report at another database is an admin's call: it reads whatever that URL reaches.
+            defaults.pop("database_url", None)
         values: dict[str, str] = {}
         columns = st.columns(max(1, len(defaults)))
         for column, (key, default) in zip(columns, defaults.items(), strict=False):

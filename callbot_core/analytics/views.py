@@ -1,0 +1,453 @@
+"""The analytics snapshot's layout: the tables copied from the store (schema `raw`) and the documented views.
+
+Everything here is computed by DuckDB over its own copy of the store, whichever database the store is,
+so the numbers mean the same on SQLite and PostgreSQL: `/` on integers is a float division, `day` is the
+UTC calendar day, percentiles are `quantile_cont` (linear interpolation, like PostgreSQL's
+`percentile_cont`). All times in the snapshot are UTC timestamps without a zone.
+
+Two things are computed once, when a row is copied, rather than by every query: word counts
+(`messages.words`, the summaries' word counts) and, on each turn, when it started and how many words the
+caller and the bot said (`raw.turn_metrics.started_at`, `user_words`, `bot_words`). Messages never change
+once stored, so these stay right; they are what keeps the dashboards fast on a million messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Bump when a table's columns, a copy expression or a view changes: an older snapshot is then rebuilt.
+SNAPSHOT_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ViewDoc:
+    """A view (or table) users may query: its name, what one row is, and each column's meaning."""
+
+    name: str
+    description: str
+    columns: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str
+    # DuckDB expression over the attached store's table (alias `s`); None means the column itself.
+    source: str | None = None
+
+
+def _ts(name: str) -> Column:
+    # TIMESTAMPTZ from PostgreSQL becomes UTC wall time (the refresh connection runs with TimeZone=UTC);
+    # SQLite's text timestamps (written in UTC by the store) are parsed as they are.
+    return Column(name, "TIMESTAMP", f"CAST(s.{name} AS TIMESTAMP)")
+
+
+# The copied tables. Columns deliberately left out: users' password hashes, e-mail addresses and lockout
+# state (anyone may query the snapshot), and the audit log, saved queries and report/pipeline runs.
+TABLES: dict[str, list[Column]] = {
+    "users": [
+        Column("id", "BIGINT"),
+        Column("username", "VARCHAR"),
+        Column("display_name", "VARCHAR"),
+        Column("role", "VARCHAR"),
+        _ts("created_at"),
+    ],
+    "personas": [
+        Column("id", "BIGINT"),
+        Column("key", "VARCHAR"),
+        Column("name", "VARCHAR"),
+        Column("description", "VARCHAR"),
+        _ts("created_at"),
+        Column("archived", "BOOLEAN", "CAST(s.archived AS BOOLEAN)"),
+    ],
+    "persona_versions": [
+        Column("id", "BIGINT"),
+        Column("persona_id", "BIGINT"),
+        Column("version", "INTEGER"),
+        Column("system_prompt", "VARCHAR"),
+        Column("greeting", "VARCHAR"),
+        Column("temperature", "DOUBLE"),
+        Column("top_p", "DOUBLE"),
+        Column("max_tokens", "INTEGER"),
+        Column("backend", "VARCHAR"),
+        Column("model", "VARCHAR"),
+        Column("voice", "VARCHAR"),
+        _ts("created_at"),
+    ],
+    "conversations": [
+        Column("id", "BIGINT"),
+        Column("user_id", "BIGINT"),
+        Column("persona_version_id", "BIGINT"),
+        Column("backend", "VARCHAR"),
+        Column("model", "VARCHAR"),
+        Column("channel", "VARCHAR"),
+        _ts("started_at"),
+        _ts("ended_at"),
+        Column("status", "VARCHAR"),
+        Column("summary_short", "VARCHAR"),
+        Column("summary_full", "VARCHAR"),
+        Column("summary_short_words", "INTEGER", "word_count(s.summary_short)"),
+        Column("summary_full_words", "INTEGER", "word_count(s.summary_full)"),
+    ],
+    "messages": [
+        Column("id", "BIGINT"),
+        Column("conversation_id", "BIGINT"),
+        Column("role", "VARCHAR"),
+        Column("text", "VARCHAR"),
+        _ts("created_at"),
+        Column("token_count", "INTEGER"),
+        Column("words", "INTEGER", "word_count(s.text)"),
+    ],
+    "turn_metrics": [
+        Column("id", "BIGINT"),
+        Column("conversation_id", "BIGINT"),
+        Column("user_message_id", "BIGINT"),
+        Column("assistant_message_id", "BIGINT"),
+        Column("backend", "VARCHAR"),
+        Column("model", "VARCHAR"),
+        Column("ttft_ms", "DOUBLE"),
+        Column("total_ms", "DOUBLE"),
+        Column("prompt_tokens", "INTEGER"),
+        Column("completion_tokens", "INTEGER"),
+        Column("tokens_per_s", "DOUBLE"),
+        Column("backend_prompt_eval_ms", "DOUBLE"),
+        Column("backend_eval_ms", "DOUBLE"),
+        Column("backend_load_ms", "DOUBLE"),
+        Column("backend_total_ms", "DOUBLE"),
+        Column("trimmed_messages", "INTEGER"),
+        Column("error", "VARCHAR"),
+        _ts("created_at"),
+        # Filled from the snapshot's own messages when the turn is copied (see the module docstring).
+        Column("started_at", "TIMESTAMP", "NULL"),
+        Column("user_words", "INTEGER", "NULL"),
+        Column("bot_words", "INTEGER", "NULL"),
+    ],
+    "system_metrics": [
+        Column("id", "BIGINT"),
+        _ts("taken_at"),
+        Column("host", "VARCHAR"),
+        Column("cpu_percent", "DOUBLE"),
+        Column("memory_percent", "DOUBLE"),
+        Column("memory_used_mb", "DOUBLE"),
+        Column("disk_percent", "DOUBLE"),
+        Column("process_rss_mb", "DOUBLE"),
+    ],
+}
+
+# Words are runs of non-blank characters; the same rule for messages and summaries.
+MACROS = """
+CREATE OR REPLACE MACRO word_count(s) AS
+    CASE WHEN s IS NULL THEN NULL ELSE len(regexp_extract_all(s, '\\S+')) END;
+"""
+
+VIEWS: dict[str, str] = {
+    "turns": """
+SELECT
+    tm.id AS turn_id,
+    tm.conversation_id,
+    coalesce(tm.started_at, tm.created_at) AS started_at,
+    tm.created_at AS finished_at,
+    CAST(coalesce(tm.started_at, tm.created_at) AS DATE) AS day,
+    c.started_at AS conversation_started_at,
+    p.key AS persona,
+    p.name AS persona_name,
+    pv.version AS persona_version,
+    c.persona_version_id,
+    tm.backend,
+    tm.model,
+    u.username,
+    c.channel,
+    tm.ttft_ms,
+    tm.total_ms,
+    tm.prompt_tokens,
+    tm.completion_tokens,
+    tm.tokens_per_s,
+    tm.trimmed_messages,
+    tm.error,
+    tm.error IS NOT NULL AS failed,
+    tm.user_words,
+    tm.bot_words,
+    tm.user_message_id,
+    tm.assistant_message_id
+FROM raw.turn_metrics tm
+JOIN raw.conversations c ON c.id = tm.conversation_id
+JOIN raw.persona_versions pv ON pv.id = c.persona_version_id
+JOIN raw.personas p ON p.id = pv.persona_id
+LEFT JOIN raw.users u ON u.id = c.user_id
+""",
+    "conversations_stats": """
+WITH msg AS (
+    SELECT conversation_id,
+           count(*) AS messages,
+           coalesce(sum(words) FILTER (WHERE role = 'user'), 0) AS user_words,
+           coalesce(sum(words) FILTER (WHERE role = 'assistant'), 0) AS bot_words,
+           max(created_at) AS last_message_at
+    FROM raw.messages GROUP BY conversation_id
+), t AS (
+    SELECT conversation_id,
+           count(*) AS turns,
+           count(error) AS failed_turns,
+           avg(ttft_ms) FILTER (WHERE error IS NULL) AS ttft_mean_ms,
+           quantile_cont(ttft_ms, 0.95) FILTER (WHERE error IS NULL) AS ttft_p95_ms,
+           avg(total_ms) FILTER (WHERE error IS NULL) AS total_mean_ms,
+           quantile_cont(total_ms, 0.95) FILTER (WHERE error IS NULL) AS total_p95_ms,
+           avg(tokens_per_s) FILTER (WHERE error IS NULL) AS tokens_per_s_mean,
+           sum(completion_tokens) AS completion_tokens
+    FROM raw.turn_metrics GROUP BY conversation_id
+)
+SELECT
+    c.id AS conversation_id,
+    c.started_at,
+    c.ended_at,
+    CAST(c.started_at AS DATE) AS day,
+    c.status,
+    p.key AS persona,
+    pv.version AS persona_version,
+    c.backend,
+    c.model,
+    u.username,
+    c.channel,
+    coalesce(msg.messages, 0) AS messages,
+    coalesce(t.turns, 0) AS turns,
+    coalesce(t.failed_turns, 0) AS failed_turns,
+    date_diff('millisecond', c.started_at, coalesce(c.ended_at, msg.last_message_at, c.started_at)) / 1000.0
+        AS duration_s,
+    coalesce(msg.user_words, 0) AS user_words,
+    coalesce(msg.bot_words, 0) AS bot_words,
+    msg.user_words / nullif(msg.bot_words, 0) AS talk_ratio,
+    t.ttft_mean_ms,
+    t.ttft_p95_ms,
+    t.total_mean_ms,
+    t.total_p95_ms,
+    t.tokens_per_s_mean,
+    coalesce(t.completion_tokens, 0) AS completion_tokens,
+    c.summary_short_words,
+    c.summary_full_words,
+    c.summary_short,
+    c.summary_full
+FROM raw.conversations c
+JOIN raw.persona_versions pv ON pv.id = c.persona_version_id
+JOIN raw.personas p ON p.id = pv.persona_id
+LEFT JOIN raw.users u ON u.id = c.user_id
+LEFT JOIN msg ON msg.conversation_id = c.id
+LEFT JOIN t ON t.conversation_id = c.id
+""",
+    "persona_performance": """
+WITH conv AS (
+    SELECT persona_version_id, count(*) AS conversations, min(started_at) AS first_started_at,
+           max(started_at) AS last_started_at
+    FROM raw.conversations GROUP BY persona_version_id
+), t AS (
+    SELECT c.persona_version_id,
+           count(*) AS turns,
+           count(tm.error) AS failed_turns,
+           quantile_cont(tm.ttft_ms, 0.5) FILTER (WHERE tm.error IS NULL) AS ttft_p50_ms,
+           quantile_cont(tm.ttft_ms, 0.95) FILTER (WHERE tm.error IS NULL) AS ttft_p95_ms,
+           quantile_cont(tm.total_ms, 0.5) FILTER (WHERE tm.error IS NULL) AS total_p50_ms,
+           quantile_cont(tm.total_ms, 0.95) FILTER (WHERE tm.error IS NULL) AS total_p95_ms,
+           avg(tm.tokens_per_s) FILTER (WHERE tm.error IS NULL) AS tokens_per_s_mean,
+           quantile_cont(tm.tokens_per_s, 0.5) FILTER (WHERE tm.error IS NULL) AS tokens_per_s_p50,
+           avg(tm.completion_tokens) FILTER (WHERE tm.error IS NULL) AS completion_tokens_mean
+    FROM raw.turn_metrics tm JOIN raw.conversations c ON c.id = tm.conversation_id
+    GROUP BY c.persona_version_id
+)
+SELECT
+    p.key AS persona,
+    p.name AS persona_name,
+    pv.version AS persona_version,
+    pv.id AS persona_version_id,
+    coalesce(conv.conversations, 0) AS conversations,
+    coalesce(t.turns, 0) AS turns,
+    coalesce(t.failed_turns, 0) AS failed_turns,
+    t.failed_turns / nullif(t.turns, 0) AS error_rate,
+    t.ttft_p50_ms,
+    t.ttft_p95_ms,
+    t.total_p50_ms,
+    t.total_p95_ms,
+    t.tokens_per_s_mean,
+    t.tokens_per_s_p50,
+    t.completion_tokens_mean,
+    conv.first_started_at,
+    conv.last_started_at
+FROM raw.persona_versions pv
+JOIN raw.personas p ON p.id = pv.persona_id
+LEFT JOIN conv ON conv.persona_version_id = pv.id
+LEFT JOIN t ON t.persona_version_id = pv.id
+""",
+    "daily_activity": """
+WITH conv AS (
+    SELECT CAST(started_at AS DATE) AS day, count(*) AS conversations, count(DISTINCT user_id) AS users
+    FROM raw.conversations GROUP BY 1
+), t AS (
+    SELECT CAST(coalesce(started_at, created_at) AS DATE) AS day,
+           count(*) AS turns,
+           count(error) AS failed_turns,
+           quantile_cont(ttft_ms, 0.5) FILTER (WHERE error IS NULL) AS ttft_p50_ms,
+           avg(tokens_per_s) FILTER (WHERE error IS NULL) AS tokens_per_s_mean,
+           sum(coalesce(user_words, 0) + coalesce(bot_words, 0)) AS words
+    FROM raw.turn_metrics GROUP BY 1
+)
+SELECT
+    day,
+    coalesce(conv.conversations, 0) AS conversations,
+    coalesce(conv.users, 0) AS users,
+    coalesce(t.turns, 0) AS turns,
+    coalesce(t.failed_turns, 0) AS failed_turns,
+    t.failed_turns / nullif(t.turns, 0) AS error_rate,
+    t.ttft_p50_ms,
+    t.tokens_per_s_mean,
+    coalesce(t.words, 0) AS words
+FROM conv FULL OUTER JOIN t USING (day)
+""",
+    "messages": """
+SELECT id, conversation_id, role, text, created_at, token_count, words FROM raw.messages
+""",
+    "system_metrics": """
+SELECT id, taken_at, host, cpu_percent, memory_percent, memory_used_mb, disk_percent, process_rss_mb
+FROM raw.system_metrics
+""",
+}
+
+_TURN_COLUMNS = [
+    ("turn_id", "the turn's id (turn_metrics.id)"),
+    ("conversation_id", "its conversation"),
+    ("started_at", "when the caller's message arrived (UTC)"),
+    ("finished_at", "when the turn was stored: reply complete, or the failure (UTC)"),
+    ("day", "UTC date of started_at"),
+    ("conversation_started_at", "when its conversation started (UTC)"),
+    ("persona", "persona key, e.g. receptionist"),
+    ("persona_name", "persona display name"),
+    ("persona_version", "persona version number"),
+    ("persona_version_id", "persona_versions.id"),
+    ("backend", "LLM backend that served the turn (embedded, ollama, openai)"),
+    ("model", "model name on that backend"),
+    ("username", "who held the conversation (NULL: the command line without signing in)"),
+    ("channel", "text, voice, api or simulated"),
+    ("ttft_ms", "time to first token, ms"),
+    ("total_ms", "whole turn, ms (for a failed turn: until it failed)"),
+    ("prompt_tokens", "tokens in the prompt"),
+    ("completion_tokens", "tokens in the reply (NULL when failed)"),
+    ("tokens_per_s", "decode speed of the reply"),
+    ("trimmed_messages", "history messages dropped to fit the context window"),
+    ("error", "what failed, or NULL"),
+    ("failed", "error IS NOT NULL"),
+    ("user_words", "words in the caller's message"),
+    ("bot_words", "words in the reply (NULL when failed)"),
+    ("user_message_id", "messages.id of the caller's message"),
+    ("assistant_message_id", "messages.id of the reply (NULL when failed)"),
+]
+
+VIEW_DOCS: list[ViewDoc] = [
+    ViewDoc(
+        "turns",
+        "One row per turn (a caller message and the bot's reply), failed turns included.",
+        _TURN_COLUMNS,
+    ),
+    ViewDoc(
+        "conversations_stats",
+        "One row per conversation with its counts, talk and latency figures. Latencies are over successful "
+        "turns; words count every user and assistant message (the greeting is bot talk).",
+        [
+            ("conversation_id", "conversations.id"),
+            ("started_at", "start (UTC)"),
+            ("ended_at", "end (UTC), NULL while active"),
+            ("day", "UTC date of started_at"),
+            ("status", "active or ended"),
+            ("persona", "persona key"),
+            ("persona_version", "persona version number"),
+            ("backend", "backend chosen for the conversation"),
+            ("model", "model chosen for the conversation"),
+            ("username", "who held it (NULL: command line)"),
+            ("channel", "text, voice, api or simulated"),
+            ("messages", "stored messages (greeting included)"),
+            ("turns", "turns, failed ones included"),
+            ("failed_turns", "turns that failed"),
+            ("duration_s", "seconds from start to end (or to the last message while active)"),
+            ("user_words", "words the caller said"),
+            ("bot_words", "words the bot said"),
+            ("talk_ratio", "user_words / bot_words (NULL if the bot said nothing)"),
+            ("ttft_mean_ms", "mean time to first token"),
+            ("ttft_p95_ms", "95th percentile time to first token"),
+            ("total_mean_ms", "mean turn time"),
+            ("total_p95_ms", "95th percentile turn time"),
+            ("tokens_per_s_mean", "mean decode speed"),
+            ("completion_tokens", "reply tokens in total"),
+            ("summary_short_words", "words in the short summary (NULL if none)"),
+            ("summary_full_words", "words in the full summary (NULL if none)"),
+            ("summary_short", "the short summary"),
+            ("summary_full", "the full summary"),
+        ],
+    ),
+    ViewDoc(
+        "persona_performance",
+        "One row per persona version (unused versions included). Latency and speed over successful turns; "
+        "error_rate over all turns.",
+        [
+            ("persona", "persona key"),
+            ("persona_name", "persona display name"),
+            ("persona_version", "version number"),
+            ("persona_version_id", "persona_versions.id"),
+            ("conversations", "conversations held with this version"),
+            ("turns", "turns, failed ones included"),
+            ("failed_turns", "turns that failed"),
+            ("error_rate", "failed_turns / turns, 0..1 (NULL without turns)"),
+            ("ttft_p50_ms", "median time to first token"),
+            ("ttft_p95_ms", "95th percentile time to first token"),
+            ("total_p50_ms", "median turn time"),
+            ("total_p95_ms", "95th percentile turn time"),
+            ("tokens_per_s_mean", "mean decode speed"),
+            ("tokens_per_s_p50", "median decode speed"),
+            ("completion_tokens_mean", "mean reply length in tokens"),
+            ("first_started_at", "first conversation's start (UTC)"),
+            ("last_started_at", "latest conversation's start (UTC)"),
+        ],
+    ),
+    ViewDoc(
+        "daily_activity",
+        "One row per UTC day with conversations started and turns taken that day.",
+        [
+            ("day", "UTC date"),
+            ("conversations", "conversations started"),
+            ("users", "distinct signed-in users who started one"),
+            ("turns", "turns taken (by the turn's start)"),
+            ("failed_turns", "turns that failed"),
+            ("error_rate", "failed_turns / turns, 0..1"),
+            ("ttft_p50_ms", "median time to first token of successful turns"),
+            ("tokens_per_s_mean", "mean decode speed of successful turns"),
+            ("words", "words said by callers and the bot in those turns"),
+        ],
+    ),
+    ViewDoc(
+        "messages",
+        "Every stored message: the transcripts.",
+        [
+            ("id", "messages.id"),
+            ("conversation_id", "its conversation"),
+            ("role", "user, assistant or system"),
+            ("text", "what was said"),
+            ("created_at", "when (UTC)"),
+            ("token_count", "tokens, when known"),
+            ("words", "words (runs of non-blank characters)"),
+        ],
+    ),
+    ViewDoc(
+        "system_metrics",
+        "Machine and process snapshots taken by the metrics pipeline.",
+        [
+            ("id", "system_metrics.id"),
+            ("taken_at", "when (UTC)"),
+            ("host", "machine name"),
+            ("cpu_percent", "CPU use, %"),
+            ("memory_percent", "memory use, %"),
+            ("memory_used_mb", "memory used, MB"),
+            ("disk_percent", "disk use of the runtime folder's disk, %"),
+            ("process_rss_mb", "resident memory of the process that took it, MB"),
+        ],
+    ),
+]
+
+RAW_TABLES_NOTE = (
+    "The copied store tables are also readable as raw.users (no password hashes or e-mail), raw.personas, "
+    "raw.persona_versions, raw.conversations, raw.messages, raw.turn_metrics and raw.system_metrics. "
+    "Times are UTC. word_count(text) counts words the way the views do."
+)
