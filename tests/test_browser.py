@@ -221,3 +221,51 @@ def test_sign_out_shows_the_login_form_again(page: Page, app: RunningApp) -> Non
     expect(login_form).to_be_visible()
     expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
     screenshot(page, "09_signed_out_after_reload")
+
+
+def test_sql_console_in_the_browser(page: Page, app: RunningApp) -> None:
+    from playwright.sync_api import expect
+
+    sign_in(page, app.base_url)
+    page.goto(app.base_url + "/analytics")
+    wait_signed_in(page)
+    editor = page.get_by_role("textbox", name="SQL")
+    editor.fill("select persona, count(*) as turns from turns group by 1")
+    page.get_by_role("button", name="Run", exact=True).click()
+    expect(page.get_by_text(re.compile(r"\d+ row\(s\) in [\d,]+ ms"))).to_be_visible()
+    expect(page.locator("[data-testid=stDataFrame]").filter(visible=True).first).to_be_visible()
+    screenshot(page, "11_sql_console")
+
+    editor.fill("drop table messages")
+    page.get_by_role("button", name="Run", exact=True).click()
+    expect(page.locator("[data-testid=stAlertContentError]").first).to_contain_text("DROP", ignore_case=True)
+    screenshot(page, "12_sql_refused")
+
+
+def test_dashboard_export_opens_offline(page: Page, app: RunningApp, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    sign_in(page, app.base_url)
+    page.goto(app.base_url + "/dashboards")
+    wait_signed_in(page)
+    expect(page.locator("[data-testid=stPlotlyChart]").first).to_be_visible()
+    page.get_by_role("button", name="Export dashboard").click()
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Download dashboard (HTML, works offline)").click()
+    path = tmp_path / "dashboard.html"
+    info.value.save_as(path)
+    screenshot(page, "13_dashboards")
+
+    # Open the file with every network request refused: the charts must still draw.
+    offline = page.context.browser.new_context()  # type: ignore[union-attr]
+    requests: list[str] = []
+    offline.route("**/*", lambda route: (requests.append(route.request.url), route.abort())
+                  if not route.request.url.startswith("file:") else route.continue_())  # fmt: skip
+    report = offline.new_page()
+    report.goto(path.as_uri())
+    expect(report.locator(".plotly-graph-div").first).to_be_visible()
+    assert report.locator(".plotly-graph-div").count() == 12
+    assert report.locator(".main-svg").count() >= 12  # plotly.js ran and drew
+    assert requests == [], requests
+    report.screenshot(path=str(screenshot(page, "14_dashboard_export").with_name("14_dashboard_export_file.png")))
+    offline.close()
