@@ -56,3 +56,14 @@ def test_app_load_times_both_pages() -> None:
     assert r["conversations"] == 50 and r["messages"] == 500
     assert 0 < r["chat_ready_s"] < 30 and 0 < r["conversations_ready_s"] < 30
     assert r["app_rss_mb"] > 50
+
+
+def test_analytics_compares_duckdb_with_both_stores() -> None:
+    if not os.environ.get("CALLBOT_TEST_DATABASE_URL"):
+        pytest.skip("the PostgreSQL half needs CALLBOT_TEST_DATABASE_URL")
+    r = _result("analytics.py", "--conversations", "200", "--runs", "1")
+    assert r["conversations"] == 200 and r["messages"] == 2000
+    assert r["results_match"] == 1  # the snapshot, SQLite and PostgreSQL agree on every frame
+    assert r["dashboard_total_s"] > 0 and r["sqlite_total_s"] > 0 and r["postgres_total_s"] > 0
+    assert r["duckdb_vs_sqlite_ratio"] == pytest.approx(r["sqlite_total_s"] / r["dashboard_total_s"], rel=0.1)
+    assert r["refresh_nochange_ms"] > 0 and r["initial_snapshot_s"] > 0 and r["peak_rss_mb"] > 50

@@ -1,28 +1,35 @@
 """DuckDB over the store: an analytics snapshot kept in step with the store, and guarded user SQL.
 
-The store (SQLite or PostgreSQL) is attached READ_ONLY through DuckDB's scanner extensions, loaded from
-the `duckdb-extension-*-scanner` packages (never INSTALLed: that would need the internet). Queries do not
-run over the attachment: the scanners read row by row and were measured ~3x slower than DuckDB's own
-tables on a dashboard-like query set. Instead the store's tables are copied into a snapshot in DuckDB's
-own format (`<runtime>/analytics.duckdb`) and kept in step incrementally before every query:
+Queries never run over the live store: scanning it through DuckDB's attachment was measured ~3x slower
+than DuckDB's own tables on a dashboard-like query set. The store's tables are copied into a snapshot in
+DuckDB's own format (`<runtime>/analytics.duckdb`) and kept in step incrementally before every query:
 
-- a probe on the store (one cheap native query: counts, maximum ids, a few aggregates over conversations,
-  a hash of the small tables) is compared with what the snapshot holds; equal means nothing to do, and
-  the snapshot is not even opened for writing;
-- messages, turn metrics and system metrics are append-only: rows above the snapshot's highest id are
-  copied (on PostgreSQL also a margin below it, since ids are handed out before commit and a slower
-  transaction can commit a lower id later);
-- conversations are copied by id, and when their aggregates (status, ended_at, summaries, user) no longer
-  match, they are compared row by row: updated rows are updated, deleted ones are removed with their
-  messages and turns. A conversation replaced under a reused id (SQLite hands out the highest id again
-  after it was deleted) has a different start time and is treated as deleted and new;
+- a probe on the store (a few native queries answered from indexes, one scan of `conversations`, a hash of
+  the small tables) is compared with what the snapshot holds; equal means nothing to do, and the
+  snapshot is not even opened for writing;
+- messages and turn metrics are append-only: rows above the snapshot's highest id are copied (on
+  PostgreSQL also a margin below it, since ids are handed out before commit and a slower transaction can
+  commit a lower id later); system metrics likewise, copied whole again if rows were pruned;
+- conversations are copied by id, and when their figures (count, status, ended_at, summaries, user) no
+  longer match, compared row by row: updated rows are updated, deleted ones leave with their messages and
+  turns. A conversation replaced under a reused id (SQLite hands the highest id out again after it was
+  deleted) has a different start time and is treated as deleted and new;
 - users, personas and persona versions are small and copied whole when their hash changes.
+
+How rows are read: PostgreSQL is attached READ_ONLY through DuckDB's postgres scanner, loaded from the
+`duckdb-extension-postgres-scanner` package (never INSTALLed: that would need the internet), with the id
+ranges pushed down to the server. A SQLite store is read with Python's own sqlite3 and handed to DuckDB as
+Arrow batches, not through DuckDB's sqlite scanner: the scanner carries a second copy of the SQLite
+library, and two copies in one process break each other's POSIX locks (closing either one's file
+descriptor drops the other's locks; sqlite.org/howtocorrupt.html, section 2.2.1). The app and the CLI
+write the store through Python's sqlite3 in the same process, so that could corrupt it.
 
 Several processes use the snapshot (the app, the CLI, report kernels, pipelines) and DuckDB lets only one
 process open a file for writing. So no connection is held between calls: each call takes
-`<snapshot>.lock` with `fcntl.flock` (exclusive to refresh, shared to read), opens the snapshot, works and
-closes it. Threads of one process are serialised by a lock per snapshot file on top, because DuckDB
-refuses two connections to one file with different settings within one process.
+`<snapshot>.lock` with `fcntl.flock` (exclusive to refresh, then shared to read, so readers in several
+processes run side by side but never beside a writer), opens the snapshot, works and closes it. Threads of
+one process are serialised per snapshot file on top, because DuckDB refuses a second connection to a file
+with different settings (read-write against read-only) within one process.
 
 User SQL runs on a connection opened read-only with external access disabled and its configuration
 locked, after `check_sql` (guard.py) has accepted it: a statement the guard missed still cannot write,
@@ -37,6 +44,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -50,6 +58,7 @@ import duckdb
 import pandas as pd
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from .. import audit
 from ..errors import CallbotError, ConfigError, InvalidInput
@@ -67,13 +76,63 @@ SMALL_TABLES = ("users", "personas", "persona_versions")
 # Ids a PostgreSQL transaction may still commit below the highest id already copied (see the docstring).
 PG_ID_MARGIN = 1000
 STAGE_CHUNK = 100_000  # rows per batch when staging SQLite rows: bounded memory on the first copy
+# Conversations that may still change (active, or not summarised) are re-read by id up to this many.
+CANDIDATE_LIMIT = 20_000
+# Up to this many ids, PostgreSQL rows are read over the store's own connection rather than the scanner.
+NATIVE_MAX_ROWS = 50_000
 LOCK_WAIT_S = 120.0
+# How often a refresh also compares the summaries' lengths (see `Analytics._probe`).
+FULL_CHECK_S = 60.0
 READER_MEMORY_LIMIT = "2GB"
 EXPORT_FORMATS = ("csv", "json", "parquet")
 
 _EXTENSION_PACKAGES = {"sqlite": "duckdb_extension_sqlite_scanner", "postgres": "duckdb_extension_postgres_scanner"}
-_process_locks: dict[str, threading.RLock] = {}
-_process_locks_guard = threading.Lock()
+_path_locks: dict[str, _ReadWriteLock] = {}
+_path_locks_guard = threading.Lock()
+
+
+class _ReadWriteLock:
+    """Many reading threads or one writing thread, per snapshot file within a process.
+
+    Writers go first once waiting, so a steady stream of queries cannot hold a refresh off for ever.
+    `connecting` serialises opening read-only connections: they share one DuckDB instance, which only the
+    first of them configures.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+        self.connecting = threading.Lock()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and not self._waiting_writers)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            try:
+                self._cond.wait_for(lambda: not self._writer and not self._readers)
+            finally:
+                self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 class QueryTimeout(InvalidInput):
@@ -110,7 +169,9 @@ def scanner_extension_path(kind: str) -> Path:
     package = _EXTENSION_PACKAGES[kind]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.origin:
-        raise ConfigError(f"The DuckDB {kind} scanner is missing: install {package.replace('_', '-')}=={duckdb.__version__}")
+        raise ConfigError(
+            f"The DuckDB {kind} scanner is missing: install {package.replace('_', '-')}=={duckdb.__version__}"
+        )
     base = Path(spec.origin).parent / "extensions"
     found = sorted(base.glob(f"v{duckdb.__version__}/*.duckdb_extension"))
     if not found:
@@ -191,12 +252,11 @@ class Analytics:
         self._lock_path = self.snapshot_path.with_name(self.snapshot_path.name + ".lock")
         self._state_path = self.snapshot_path.with_name(self.snapshot_path.name + ".state.json")
         key = str(self.snapshot_path.resolve())
-        with _process_locks_guard:
-            self._thread_lock = _process_locks.setdefault(key, threading.RLock())
+        with _path_locks_guard:
+            self._rw = _path_locks.setdefault(key, _ReadWriteLock())
         # The snapshot is tied to one store: a different URL (password left out) means a rebuild.
-        self._source_id = hashlib.sha256(
-            make_url(store.url).render_as_string(hide_password=True).encode()
-        ).hexdigest()[:16]
+        shown = make_url(store.url).render_as_string(hide_password=True)
+        self._source_id = hashlib.sha256(shown.encode()).hexdigest()[:16]
         self._closed = False
 
     @classmethod
@@ -232,14 +292,15 @@ class Analytics:
     # -- locking --------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self, exclusive: bool) -> Iterator[int]:
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        """The snapshot for writing (one thread of one process) or for reading (any number of both)."""
         if self._closed:
             raise CallbotError("This analytics handle is closed")
-        with self._thread_lock:
+        with self._rw.write() if exclusive else self._rw.read():
             fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 self._flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-                yield fd
+                yield
             finally:
                 os.close(fd)  # closing the descriptor releases the flock
 
@@ -259,11 +320,9 @@ class Analytics:
 
     @contextlib.contextmanager
     def _reading(self, refresh: bool) -> Iterator[tuple[duckdb.DuckDBPyConnection, RefreshStats | None]]:
-        """Refresh under the exclusive lock, then read under a shared one: readers in other processes may
-        run at the same time, but never while one of them writes."""
-        with self._locked(exclusive=True) as fd:
-            stats = self._refresh_locked() if refresh or not self.snapshot_path.exists() else None
-            self._flock(fd, fcntl.LOCK_SH)  # downgrade: other readers may come in now
+        """Bring the snapshot up to date (if asked, or if there is none yet), then open it for reading."""
+        stats = self.refresh() if refresh or not self.snapshot_path.exists() else None
+        with self._locked(exclusive=False):
             conn = self._connect_reader()
             try:
                 yield conn, stats
@@ -287,21 +346,56 @@ class Analytics:
             # Defence in depth behind the guard: no files, no network, no ATTACH/INSTALL/LOAD.
             "enable_external_access": False,
         }
-        conn = duckdb.connect(str(self.snapshot_path), read_only=True, config=config)
-        try:
-            conn.execute("SET TimeZone = 'UTC'")
-            conn.execute("SET lock_configuration = true")  # and from here on, no SET either
-        except BaseException:
-            conn.close()
-            raise
+        with self._rw.connecting:
+            conn = duckdb.connect(str(self.snapshot_path), read_only=True, config=config)
+            try:
+                # Readers in one process share one DuckDB instance: the first configures and locks it.
+                if not conn.execute("SELECT current_setting('lock_configuration')").fetchone()[0]:
+                    conn.execute("SET TimeZone = 'UTC'")
+                    conn.execute("SET lock_configuration = true")  # and from here on, no SET either
+            except BaseException:
+                conn.close()
+                raise
         return conn
 
     # -- refresh --------------------------------------------------------------------------------------
 
     def refresh(self) -> RefreshStats:
-        """Bring the snapshot in step with the store; cheap (one probe query) when nothing changed."""
+        """Bring the snapshot in step with the store; cheap (a probe of the store) when nothing changed.
+
+        The check needs no lock: only when something changed does it wait for the readers of this
+        process and of others to finish, and copy under the exclusive lock.
+        """
+        start = time.perf_counter()
+        if self._closed:
+            raise CallbotError("This analytics handle is closed")
+        if self._in_step():
+            return RefreshStats(copied={}, elapsed_ms=_ms(start), changed=False)
         with self._locked(exclusive=True):
-            return self._refresh_locked()
+            stats = self._refresh_locked()
+        stats.elapsed_ms = _ms(start)
+        return stats
+
+    def _in_step(self) -> bool:
+        """The fast path: the store looks exactly as it did after the last refresh (per the sidecar)."""
+        try:
+            migrated = self.store.is_migrated()
+        except SQLAlchemyError as exc:
+            raise ConfigError(f"Analytics could not read the store: {_error_line(exc)}") from exc
+        if not migrated:
+            raise ConfigError(
+                f"The store at {make_url(self.store.url).render_as_string(hide_password=True)} has no tables "
+                "yet: run `callbot db upgrade` first"
+            )
+        sidecar = self._read_sidecar() if self.snapshot_path.exists() else None
+        if sidecar is None:
+            return False
+        full = time.time() - sidecar.get("full_checked_at", 0) > FULL_CHECK_S
+        if not _matches(self._probe(sidecar["params"], full=full), sidecar["expected"]):
+            return False
+        if full:
+            self._write_sidecar(sidecar | {"full_checked_at": time.time()})
+        return True
 
     def _read_sidecar(self) -> dict[str, Any] | None:
         try:
@@ -313,31 +407,23 @@ class Analytics:
         return state
 
     def _write_sidecar(self, state: dict[str, Any]) -> None:
-        tmp = self._state_path.with_name(f"{self._state_path.name}.{os.getpid()}.tmp")
+        tmp = self._state_path.with_name(f"{self._state_path.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(json.dumps(state), encoding="utf-8")
         os.replace(tmp, self._state_path)
 
     def _refresh_locked(self) -> RefreshStats:
-        start = time.perf_counter()
-        if not self.store.is_migrated():
-            raise ConfigError(
-                f"The store at {make_url(self.store.url).render_as_string(hide_password=True)} has no tables "
-                "yet: run `callbot db upgrade` first"
-            )
-        sidecar = self._read_sidecar() if self.snapshot_path.exists() else None
-        if sidecar is not None:
-            # The fast path: the store looks exactly as it did after the last refresh.
-            if self._probe(sidecar["params"]) == sidecar["expected"]:
-                return RefreshStats(copied={}, elapsed_ms=_ms(start), changed=False)
+        # No second look at the sidecar: `_Sync.run` compares the store with the state inside the snapshot,
+        # which also covers another thread or process having refreshed while we waited for the lock.
         with contextlib.suppress(FileNotFoundError):
             self._state_path.unlink()
         sync = _Sync(self)
         try:
             stats, state = sync.run()
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            raise ConfigError(f"Analytics could not read the store: {_error_line(exc)}") from exc
         finally:
             sync.conn.close()
-        self._write_sidecar(state)
-        stats.elapsed_ms = _ms(start)
+        self._write_sidecar(state | {"full_checked_at": time.time()})
         return stats
 
     def _remove_snapshot(self) -> None:
@@ -345,11 +431,15 @@ class Analytics:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _probe(self, params: dict[str, int]) -> dict[str, Any]:
-        """One native query on the store describing it: equal probes mean equal data, as far as we copy it."""
+    def _probe(self, params: dict[str, int], *, full: bool = True) -> dict[str, Any]:
+        """A few native queries describing the store: equal probes mean equal data, as far as we copy it.
+
+        Everything but one scan of `conversations` is answered from indexes. `full` adds the summaries'
+        total length to that scan (it then reads the text, ~2x the cost): only then is a summary that was
+        replaced by another of the same count noticed, so it is checked every FULL_CHECK_S, not every time.
+        """
         sql = """
             SELECT
-              (SELECT count(*) FROM conversations),
               (SELECT max(id) FROM conversations),
               (SELECT max(started_at) FROM conversations),
               (SELECT max(id) FROM messages),
@@ -359,30 +449,34 @@ class Analytics:
               (SELECT count(*) FROM system_metrics),
               (SELECT max(id) FROM system_metrics)
         """
-        agg_sql = """
-            SELECT count(ended_at), count(summary_short), count(summary_full), sum(length(summary_short)),
-                   sum(length(summary_full)), count(user_id), count(CASE WHEN status = 'ended' THEN 1 END)
+        lengths = ", sum(length(summary_short)), sum(length(summary_full))" if full else ""
+        conv_sql = f"""
+            SELECT count(*), count(ended_at), count(summary_short), count(summary_full), count(user_id),
+                   count(CASE WHEN status = 'ended' THEN 1 END){lengths}
             FROM conversations
         """
-        with self.store.engine.connect() as c:
-            # One read transaction, so the figures describe one moment of the store.
-            with c.begin():
+        try:
+            with self.store.engine.connect() as c, c.begin():
                 row = c.execute(text(sql), params).one()
-                agg = c.execute(text(agg_sql)).one()
+                conv = [int(v or 0) for v in c.execute(text(conv_sql)).one()]
                 small = {
                     name: hashlib.sha256(
                         repr(c.execute(text(f"SELECT {_cols(name)} FROM {name} ORDER BY id")).all()).encode()
                     ).hexdigest()
                     for name in SMALL_TABLES
                 }
-        return {
-            "conversations": [int(row[0]), row[1] and int(row[1]), _naive_utc(row[2])],
-            "conversations_agg": [int(v or 0) for v in agg],
-            "messages": [row[3] and int(row[3]), int(row[4])],
-            "turn_metrics": [row[5] and int(row[5]), int(row[6])],
-            "system_metrics": [int(row[7]), row[8] and int(row[8])],
+        except SQLAlchemyError as exc:
+            raise ConfigError(f"Analytics could not read the store: {_error_line(exc)}") from exc
+        probe: dict[str, Any] = {
+            "conversations": [row[0] and int(row[0]), _naive_utc(row[1]), *conv[:6]],
+            "messages": [row[2] and int(row[2]), int(row[3])],
+            "turn_metrics": [row[4] and int(row[4]), int(row[5])],
+            "system_metrics": [int(row[6]), row[7] and int(row[7])],
             "small": small,
         }
+        if full:
+            probe["conversation_lengths"] = conv[6:]
+        return probe
 
     # -- user SQL -------------------------------------------------------------------------------------
 
@@ -398,6 +492,8 @@ class Analytics:
         """Run one user query (guarded) on a fresh snapshot; the first `max_rows` rows are kept."""
         if max_rows < 0:
             raise InvalidInput("max_rows must be zero or more")
+        if timeout_s <= 0:
+            raise InvalidInput("timeout_s must be more than zero")
         cleaned = self._checked(sql, actor=actor, client_addr=client_addr)
         detail: dict[str, Any] = {"sql": sql, "max_rows": max_rows}
         start = time.perf_counter()
@@ -496,17 +592,17 @@ class Analytics:
         detail: dict[str, Any] = {"sql": sql, "format": fmt, "path": str(path)}
         start = time.perf_counter()
         try:
-            with self._reading(refresh=True) as (conn, _stats):
-                with _timeout(conn, timeout_s):
-                    try:
-                        table = conn.execute(cleaned).fetch_arrow_table()
-                    except duckdb.InterruptException as exc:
-                        raise QueryTimeout(f"The query timed out after {_fmt_s(timeout_s)} s") from exc
-                    except duckdb.Error as exc:
-                        raise InvalidInput(f"The query failed: {_error_line(exc)}") from exc
+            with self._reading(refresh=True) as (conn, _stats), _timeout(conn, timeout_s):
+                try:
+                    table = conn.execute(cleaned).to_arrow_table()
+                except duckdb.InterruptException as exc:
+                    raise QueryTimeout(f"The query timed out after {_fmt_s(timeout_s)} s") from exc
+                except duckdb.Error as exc:
+                    raise InvalidInput(f"The query failed: {_error_line(exc)}") from exc
             rows = _write_table(table, fmt, path)
         except CallbotError as exc:
-            detail |= {"status": "failed", "error": str(exc), "elapsed_ms": round(_ms(start), 1)}
+            status = "timeout" if isinstance(exc, QueryTimeout) else "failed"
+            detail |= {"status": status, "error": str(exc), "elapsed_ms": round(_ms(start), 1)}
             audit.log(self.store, "sql.export", actor=actor, target="analytics", detail=detail, client_addr=client_addr)
             raise
         detail |= {"status": "ok", "rows": rows, "elapsed_ms": round(_ms(start), 1)}
@@ -522,6 +618,11 @@ class Analytics:
         schema, _, table = name.rpartition(".")
         frame = self.df(sql, [table, schema or "main"])
         return list(frame.itertuples(index=False, name=None))
+
+
+def _matches(probe: dict[str, Any], expected: dict[str, Any]) -> bool:
+    """The probe (which may leave out the costly parts) agrees with what the snapshot holds."""
+    return all(expected.get(key) == value for key, value in probe.items())
 
 
 def _fmt_s(seconds: float) -> str:
@@ -559,6 +660,11 @@ def _write_table(table: Any, fmt: str, path: Path) -> int:
     return int(table.num_rows)
 
 
+def _stored(table: str) -> list[Any]:
+    """A copied table's columns that exist in the store (the others are computed in the snapshot)."""
+    return [c for c in TABLES[table] if c.source is None or c.source.startswith("CAST(s.")]
+
+
 def _cols(table: str) -> str:
     """The store columns of a small table, as the probe hashes them (they have no computed columns)."""
     return ", ".join(c.name for c in TABLES[table])
@@ -568,14 +674,10 @@ def _cols(table: str) -> str:
 
 
 class _Sync:
-    """One refresh, inside one DuckDB transaction on the snapshot: all of it lands, or none of it.
+    """One refresh. An incremental one is one DuckDB transaction on the snapshot: all of it lands, or none.
 
-    Rows are read from the store in id ranges through `source()`: on PostgreSQL the scanner's attachment
-    (the range is pushed down to the server); on SQLite Python's own sqlite3, staged into a DuckDB temp
-    table. DuckDB's sqlite scanner is deliberately not used in-process: it carries a second copy of the
-    SQLite library, and two copies in one process break each other's POSIX locks (closing either's file
-    descriptor drops the other's locks), which can corrupt a store the app is writing
-    (sqlite.org/howtocorrupt.html, "multiple copies of SQLite linked into the same application").
+    Rows are read from the store in id ranges through `source()`/`sources()`: on PostgreSQL the scanner's
+    attachment, on SQLite Python's own sqlite3 as Arrow batches (see the module docstring for why).
     """
 
     def __init__(self, an: Analytics) -> None:
@@ -584,6 +686,7 @@ class _Sync:
         self.copied: dict[str, int] = {}
         self.deleted: dict[str, int] = {}
         self.attached = False
+        self.rebuilding = False
         try:
             self.conn = an._connect_writer()
         except (duckdb.IOException, duckdb.SerializationException, duckdb.InternalException) as exc:
@@ -594,6 +697,15 @@ class _Sync:
             self.conn = an._connect_writer()
 
     # -- helpers
+
+    def commit_piece(self) -> None:
+        """While building a new snapshot, commit piece by piece: DuckDB holds a transaction's new rows in
+        memory, and a first copy of a million messages in one transaction needs ~1 GB. A build cut short
+        leaves no state row, so the next refresh starts it again; an incremental refresh stays one
+        transaction (it is small, and readers never see half of it)."""
+        if self.rebuilding:
+            self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN TRANSACTION")
 
     def one(self, sql: str, params: list | None = None) -> Any:
         row = self.conn.execute(sql, params or []).fetchone()
@@ -613,44 +725,91 @@ class _Sync:
 
     def source(self, table: str, low: int, high: int) -> str:
         """A relation holding the store's rows of `table` with low < id <= high (callers filter again)."""
-        if self.postgres:
-            if not self.attached:
-                self.conn.execute(f"LOAD {_quote(str(scanner_extension_path('postgres')))}")
-                try:
-                    self.conn.execute(
-                        f"ATTACH {_quote(libpq_conninfo(self.an.store.url))} AS {SOURCE} (TYPE postgres, READ_ONLY)"
-                    )
-                except duckdb.Error as exc:
-                    raise ConfigError(f"Analytics could not read the store: {_error_line(exc)}") from exc
-                self.attached = True
-            return f"{SOURCE}.{table}"
-        return self.stage_sqlite(table, low, high)
-
-    def stage_sqlite(self, table: str, low: int, high: int) -> str:
-        """Read the rows with Python's sqlite3 (the store's own library) into a DuckDB temp table."""
+        if self.use_scanner(table, low, high):
+            return self.scanner_table(table)
         import pyarrow as pa
 
-        # Stored columns only, typed as SQLite hands them out: timestamps are text, booleans integers.
-        stored = [c for c in TABLES[table] if c.source is None or c.source.startswith("CAST(s.")]
-        types = {c.name: ("VARCHAR" if c.type == "TIMESTAMP" else "BIGINT" if c.type == "BOOLEAN" else c.type)
-                 for c in stored}  # fmt: skip
-        names = list(types)
         stage = f"stage_{table}"
-        self.conn.execute(f"CREATE OR REPLACE TEMP TABLE {stage} ({', '.join(f'{n} {t}' for n, t in types.items())})")
-        sql = f"SELECT {', '.join(names)} FROM {table} WHERE id > ? AND id <= ? ORDER BY id"
+        batches = list(self.native_batches(table, "id > {p} AND id <= {p}", (low, high)))
+        self.conn.register(stage, pa.Table.from_batches(batches, self.native_schema(table)))
+        return stage
+
+    def sources(self, table: str, low: int, high: int) -> Iterator[str]:
+        """Like `source`, in pieces of at most STAGE_CHUNK rows when read natively, so a first copy of a
+        million messages never holds them all in memory at once."""
+        if self.use_scanner(table, low, high):
+            yield self.scanner_table(table)
+            return
+        stage = f"stage_{table}"
+        for batch in self.native_batches(table, "id > {p} AND id <= {p}", (low, high)):
+            self.conn.register(stage, batch)
+            yield stage
+            self.conn.unregister(stage)
+
+    def use_scanner(self, table: str, low: int, high: int) -> bool:
+        # PostgreSQL's scanner is the fast way to copy many rows; for a few, loading it and attaching
+        # costs more (~0.1 s) than reading them over the store's own connection.
+        return self.postgres and table not in SMALL_TABLES and high - low > NATIVE_MAX_ROWS
+
+    def scanner_table(self, table: str) -> str:
+        if not self.attached:
+            self.conn.execute(f"LOAD {_quote(str(scanner_extension_path('postgres')))}")
+            conninfo = _quote(libpq_conninfo(self.an.store.url))
+            try:
+                self.conn.execute(f"ATTACH {conninfo} AS {SOURCE} (TYPE postgres, READ_ONLY)")
+            except duckdb.Error as exc:
+                raise ConfigError(f"Analytics could not read the store: {_error_line(exc)}") from exc
+            self.attached = True
+        return f"{SOURCE}.{table}"
+
+    @staticmethod
+    def native_schema(table: str) -> Any:
+        """The Arrow schema of a table's stored columns as read natively: timestamps as UTC text, booleans
+        as integers (SQLite's own forms); the copy's CASTs turn them into the snapshot's types."""
+        import pyarrow as pa
+
+        arrow = {"BIGINT": pa.int64(), "INTEGER": pa.int64(), "DOUBLE": pa.float64(), "VARCHAR": pa.string(),
+                 "TIMESTAMP": pa.string(), "BOOLEAN": pa.int64()}  # fmt: skip
+        return pa.schema([(c.name, arrow[c.type]) for c in _stored(table)])
+
+    def native_batches(self, table: str, where: str, params: tuple) -> Iterator[Any]:
+        """Rows read over the store's own driver (for SQLite: Python's sqlite3, see the module docstring),
+        as Arrow record batches. `where` marks parameters with `{p}`."""
+        import pyarrow as pa
+
+        schema = self.native_schema(table)
+        if self.postgres:
+            exprs = [
+                f"to_char({c.name} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')" if c.type == "TIMESTAMP"
+                else f"CAST({c.name} AS INTEGER)" if c.type == "BOOLEAN"
+                else c.name
+                for c in _stored(table)
+            ]  # fmt: skip
+            mark = "%s"
+        else:
+            exprs, mark = [c.name for c in _stored(table)], "?"
+        sql = f"SELECT {', '.join(exprs)} FROM {table} WHERE {where.replace('{p}', mark)} ORDER BY id"
         with self.an.store.engine.connect() as sa_conn:
             cursor = sa_conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
-                cursor.execute(sql, (low, high))
+                cursor.execute(sql, params)
                 while rows := cursor.fetchmany(STAGE_CHUNK):
                     columns = zip(*rows, strict=True)
-                    chunk = pa.table({n: pa.array(list(v)) for n, v in zip(names, columns, strict=True)})
-                    self.conn.register("stage_chunk", chunk)
-                    self.conn.execute(f"INSERT INTO {stage} SELECT * FROM stage_chunk")
-                    self.conn.unregister("stage_chunk")
+                    yield pa.record_batch(
+                        [pa.array(values, type=f.type) for values, f in zip(columns, schema, strict=True)], schema
+                    )
             finally:
                 cursor.close()
-        return stage
+
+    def fetch_by_id(self, table: str, ids: list[int]) -> Any:
+        """Whole rows by id, read natively, as one Arrow table."""
+        import pyarrow as pa
+
+        batches = []
+        for i in range(0, len(ids), 5000):
+            chunk = tuple(ids[i : i + 5000])
+            batches += self.native_batches(table, f"id IN ({', '.join(['{p}'] * len(chunk))})", chunk)
+        return pa.Table.from_batches(batches, self.native_schema(table))
 
     def create_schema(self) -> None:
         self.conn.execute("CREATE SCHEMA IF NOT EXISTS raw")
@@ -674,9 +833,7 @@ class _Sync:
     def run(self) -> tuple[RefreshStats, dict[str, Any]]:
         state = self.read_state()
         rebuilt = (
-            state is None
-            or state.get("format") != str(SNAPSHOT_FORMAT)
-            or state.get("source") != self.an._source_id
+            state is None or state.get("format") != str(SNAPSHOT_FORMAT) or state.get("source") != self.an._source_id
         )
         if rebuilt:
             self.conn.close()
@@ -686,13 +843,13 @@ class _Sync:
         assert state is not None
         params = json.loads(state["params"]) if state.get("params") else None
         expected = json.loads(state["expected"]) if state.get("expected") else None
-        if params is not None and expected is not None:
-            probe = self.an._probe(params)
-            if probe == expected:  # the sidecar was missing or stale, but the snapshot is in step
-                return self._finish(params, probe, changed=False, rebuilt=False)
-        # The window counts are not used by the copy; reusing the old windows keeps them cheap.
-        probe = self.an._probe(params or {f"{t}_from": 2**62 for t in APPEND_ONLY})
+        # One probe serves both: the comparison, and the highest ids to copy up to.
+        probe = self.an._probe(params or {f"{t}_from": 2**62 for t in APPEND_ONLY}, full=True)
+        if params is not None and expected is not None and _matches(probe, expected):
+            # In step after all (the sidecar was lost, or another process refreshed while we waited).
+            return self._finish(params, expected, changed=False, rebuilt=False)
         try:
+            self.rebuilding = rebuilt
             self.conn.execute("BEGIN TRANSACTION")
             if rebuilt:
                 self.create_schema()
@@ -701,6 +858,7 @@ class _Sync:
             for table in APPEND_ONLY:
                 self.sync_append_only(table, probe[table][0] or 0)
             self.sync_system_metrics(probe)
+            self.commit_piece()
             new_params = self.next_params()
             expected = self.expected(new_params, probe)
             self.conn.execute("DELETE FROM raw._state")
@@ -748,57 +906,68 @@ class _Sync:
             self.add(self.copied, table, n)
             self.add(self.deleted, table, max(before - n, 0))
 
-    def snapshot_conversation_agg(self) -> list[int]:
+    def snapshot_conversations(self) -> tuple[list[Any], list[int]]:
+        """The probe's figures for conversations, read from the snapshot."""
         row = self.conn.execute(
-            """SELECT count(ended_at), count(summary_short), count(summary_full), sum(length(summary_short)),
-                      sum(length(summary_full)), count(user_id), count(CASE WHEN status = 'ended' THEN 1 END)
+            """SELECT max(id), max(started_at), count(*), count(ended_at), count(summary_short), count(summary_full),
+                      count(user_id), count(CASE WHEN status = 'ended' THEN 1 END),
+                      sum(length(summary_short)), sum(length(summary_full))
                FROM raw.conversations"""
         ).fetchone()
-        return [int(v or 0) for v in row]
-
-    def snapshot_conversation_key(self) -> list[Any]:
-        count, max_id, max_started = self.conn.execute(
-            "SELECT count(*), max(id), max(started_at) FROM raw.conversations"
-        ).fetchone()
-        return [int(count), max_id and int(max_id), _naive_utc(max_started)]
+        key = [row[0] and int(row[0]), _naive_utc(row[1]), *(int(v or 0) for v in row[2:8])]
+        return key, [int(v or 0) for v in row[8:]]
 
     def sync_conversations(self, probe: dict[str, Any]) -> None:
-        top = probe["conversations"][1] or 0
+        top = probe["conversations"][0] or 0
         have = self.one("SELECT coalesce(max(id), 0) FROM raw.conversations")
-        if top > have:
-            rel = self.source("conversations", have, top)
+        for rel in self.sources("conversations", have, top) if top > have else ():
             n = self.count(
                 f"INSERT INTO raw.conversations SELECT {self.select_list('conversations')} "
                 f"FROM {rel} s WHERE s.id > ? AND s.id <= ? ORDER BY s.id",
                 [have, top],
             )
             self.add(self.copied, "conversations", n)
-        in_step = (
-            self.snapshot_conversation_key() == probe["conversations"]
-            and self.snapshot_conversation_agg() == probe["conversations_agg"]
-        )
-        if not in_step:
-            self.reconcile_conversations(top)
+            self.commit_piece()
+        wanted = (probe["conversations"], probe["conversation_lengths"])
+        if self.snapshot_conversations() == wanted:
+            return
+        # Usually a conversation ended or was summarised: only active or unsummarised ones can be, in the
+        # app, so those are read again first. Anything else (a deletion, a reused id) is found by comparing
+        # every conversation's key columns, and only the rows that differ are read in full.
+        candidates = [
+            row[0]
+            for row in self.conn.execute(
+                "SELECT id FROM raw.conversations WHERE status = 'active' OR summary_short IS NULL "
+                "OR summary_full IS NULL ORDER BY id"
+            ).fetchall()
+        ]
+        if len(candidates) <= CANDIDATE_LIMIT:
+            self.apply_conversations(self.fetch_by_id("conversations", candidates), candidates)
+            if self.snapshot_conversations() == wanted:
+                return
+        self.reconcile_conversations(top)
 
-    def reconcile_conversations(self, top: int) -> None:
-        """Row-by-row comparison of the conversations: updates, deletions, and ids reused for new rows."""
-        rel = self.source("conversations", 0, top)
+    def apply_conversations(self, rows: Any, scope: list[int]) -> None:
+        """Make the snapshot's conversations with ids in `scope` match `rows`, just read from the store."""
+        import pyarrow as pa
+
+        self.conn.register("fetched_conversations", rows)
         self.conn.execute(
             f"CREATE OR REPLACE TEMP TABLE src_conversations AS SELECT {self.select_list('conversations')} "
-            f"FROM {rel} s WHERE s.id <= ?",
-            [top],
+            "FROM fetched_conversations s"
         )
+        self.conn.unregister("fetched_conversations")
+        self.conn.register("scope_ids", pa.table({"id": pa.array(scope, type=pa.int64())}))
+        self.conn.execute("CREATE OR REPLACE TEMP TABLE scope AS SELECT id FROM scope_ids")
+        self.conn.unregister("scope_ids")
+        in_scope = "r.id IN (SELECT id FROM scope)"
         # Gone, or replaced under the same id (a different start): their rows leave the snapshot.
         self.conn.execute(
-            """CREATE OR REPLACE TEMP TABLE gone AS
+            f"""CREATE OR REPLACE TEMP TABLE gone AS
                SELECT r.id FROM raw.conversations r LEFT JOIN src_conversations s ON s.id = r.id
-               WHERE s.id IS NULL OR s.started_at IS DISTINCT FROM r.started_at"""
+               WHERE {in_scope} AND (s.id IS NULL OR s.started_at IS DISTINCT FROM r.started_at)"""
         )
-        if self.one("SELECT count(*) FROM gone"):
-            for table in ("turn_metrics", "messages", "conversations"):
-                key = "id" if table == "conversations" else "conversation_id"
-                n = self.count(f"DELETE FROM raw.{table} WHERE {key} IN (SELECT id FROM gone)")
-                self.add(self.deleted, table, n)
+        self.delete_gone()
         mutable = ("user_id", "ended_at", "status", "summary_short", "summary_full", "summary_short_words",
                    "summary_full_words")  # fmt: skip
         differs = " OR ".join(f"r.{c} IS DISTINCT FROM s.{c}" for c in mutable)
@@ -812,8 +981,70 @@ class _Sync:
             "WHERE NOT EXISTS (SELECT 1 FROM raw.conversations r WHERE r.id = s.id) ORDER BY s.id"
         )
         self.add(self.copied, "conversations", n)
-        self.conn.execute("DROP TABLE src_conversations")
+        for temp in ("src_conversations", "scope", "gone"):
+            self.conn.execute(f"DROP TABLE {temp}")
+
+    def delete_gone(self) -> None:
+        if not self.one("SELECT count(*) FROM gone"):
+            return
+        for table in ("turn_metrics", "messages", "conversations"):
+            key = "id" if table == "conversations" else "conversation_id"
+            self.add(self.deleted, table, self.count(f"DELETE FROM raw.{table} WHERE {key} IN (SELECT id FROM gone)"))
+
+    def reconcile_conversations(self, top: int) -> None:
+        """Compare every conversation's key columns with the store; read in full only the rows that differ."""
+        import pyarrow as pa
+
+        if self.postgres:
+
+            def ts(col: str) -> str:
+                return f"to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')"
+        else:
+
+            def ts(col: str) -> str:
+                return col
+
+        sql = (
+            f"SELECT id, {ts('started_at')}, {ts('ended_at')}, status, user_id, length(summary_short), "
+            "length(summary_full) FROM conversations WHERE id <= :top"
+        )
+        with self.an.store.engine.connect() as c:
+            keys = c.execute(text(sql), {"top": top}).all()
+        names = ["id", "started_at", "ended_at", "status", "user_id", "short_len", "full_len"]
+        types = [pa.int64(), pa.string(), pa.string(), pa.string(), pa.int64(), pa.int64(), pa.int64()]
+        columns = list(zip(*keys, strict=True)) if keys else [()] * len(names)
+        self.conn.register(
+            "fetched_keys",
+            pa.table([pa.array(list(v), type=t) for v, t in zip(columns, types, strict=True)], names=names),
+        )
+        self.conn.execute(
+            """CREATE OR REPLACE TEMP TABLE src_keys AS
+               SELECT id, CAST(started_at AS TIMESTAMP) AS started_at, CAST(ended_at AS TIMESTAMP) AS ended_at,
+                      status, user_id, short_len, full_len
+               FROM fetched_keys"""
+        )
+        self.conn.unregister("fetched_keys")
+        self.conn.execute(
+            """CREATE OR REPLACE TEMP TABLE gone AS
+               SELECT r.id FROM raw.conversations r LEFT JOIN src_keys s ON s.id = r.id
+               WHERE s.id IS NULL OR s.started_at IS DISTINCT FROM r.started_at"""
+        )
+        self.delete_gone()
+        stale = [
+            row[0]
+            for row in self.conn.execute(
+                """SELECT s.id FROM src_keys s LEFT JOIN raw.conversations r ON r.id = s.id
+                   WHERE r.id IS NULL OR r.ended_at IS DISTINCT FROM s.ended_at OR r.status IS DISTINCT FROM s.status
+                      OR r.user_id IS DISTINCT FROM s.user_id
+                      OR length(r.summary_short) IS DISTINCT FROM s.short_len
+                      OR length(r.summary_full) IS DISTINCT FROM s.full_len
+                   ORDER BY s.id"""
+            ).fetchall()
+        ]
+        self.conn.execute("DROP TABLE src_keys")
         self.conn.execute("DROP TABLE gone")
+        if stale:
+            self.apply_conversations(self.fetch_by_id("conversations", stale), stale)
 
     def sync_append_only(self, table: str, top: int) -> None:
         have = self.one(f"SELECT coalesce(max(id), 0) FROM raw.{table}")
@@ -823,24 +1054,39 @@ class _Sync:
         # Conversations were copied first and only rows up to the probe's highest id are read, so a row's
         # conversation is in the snapshot already, or was deleted with it (the next probe sees that), or on
         # PostgreSQL commits late and arrives with the next refresh.
-        rel = self.source(table, low, top)
-        rows = (
-            f"SELECT {self.select_list(table)} FROM {rel} s WHERE s.id > ? AND s.id <= ? "
-            f"AND NOT EXISTS (SELECT 1 FROM raw.{table} r WHERE r.id > ? AND r.id = s.id)"
-        )
-        if table == "turn_metrics":
-            # A turn's start and word counts come from its messages, copied just before.
-            rows = f"""SELECT t.* REPLACE (um.created_at AS started_at, um.words AS user_words, am.words AS bot_words)
-                FROM ({rows}) t
-                LEFT JOIN raw.messages um ON um.id = t.user_message_id
-                LEFT JOIN raw.messages am ON am.id = t.assistant_message_id"""
-        n = self.count(f"INSERT INTO raw.{table} SELECT * FROM ({rows}) ORDER BY id", [low, top, low])
-        self.add(self.copied, table, n)
+        for rel in self.sources(table, low, top):
+            rows = (
+                f"SELECT {self.select_list(table)} FROM {rel} s WHERE s.id > ? AND s.id <= ? "
+                f"AND NOT EXISTS (SELECT 1 FROM raw.{table} r WHERE r.id > ? AND r.id = s.id)"
+            )
+            if table == "messages":
+                n = self.count(f"INSERT INTO raw.messages SELECT * FROM ({rows}) ORDER BY id", [low, top, low])
+            else:
+                # A turn's start and word counts come from its messages, copied just before. Only messages
+                # from the new turns' lowest id on are joined: DuckDB skips the older row groups unread.
+                self.conn.execute(f"CREATE OR REPLACE TEMP TABLE new_turns AS {rows}", [low, top, low])
+                first = self.one("SELECT min(user_message_id) FROM new_turns")
+                n = self.count(
+                    """INSERT INTO raw.turn_metrics
+                    SELECT t.* REPLACE (um.created_at AS started_at, um.words AS user_words, am.words AS bot_words)
+                    FROM new_turns t
+                    LEFT JOIN (SELECT id, created_at, words FROM raw.messages WHERE id >= $first) um
+                           ON um.id = t.user_message_id
+                    LEFT JOIN (SELECT id, words FROM raw.messages WHERE id >= $first) am
+                           ON am.id = t.assistant_message_id
+                    ORDER BY t.id""",
+                    {"first": first or 0},
+                )
+                self.conn.execute("DROP TABLE new_turns")
+            self.add(self.copied, table, n)
+            self.commit_piece()
 
     def sync_system_metrics(self, probe: dict[str, Any]) -> None:
         count, top = probe["system_metrics"]
         top = top or 0
-        have_count, have_top = self.conn.execute("SELECT count(*), coalesce(max(id), 0) FROM raw.system_metrics").fetchone()
+        have_count, have_top = self.conn.execute(
+            "SELECT count(*), coalesce(max(id), 0) FROM raw.system_metrics"
+        ).fetchone()
         if (have_count, have_top) == (count, top):
             return
         insert = (
@@ -866,10 +1112,8 @@ class _Sync:
     def expected(self, params: dict[str, int], probe: dict[str, Any]) -> dict[str, Any]:
         """What the store's probe reads while it still matches the snapshot: computed from the snapshot, so
         anything committed during the copy shows up as a difference next time."""
-        out: dict[str, Any] = {
-            "conversations": self.snapshot_conversation_key(),
-            "conversations_agg": self.snapshot_conversation_agg(),
-        }
+        key, lengths = self.snapshot_conversations()
+        out: dict[str, Any] = {"conversations": key, "conversation_lengths": lengths}
         for table in APPEND_ONLY:
             top, window = self.conn.execute(
                 f"SELECT max(id), count(*) FILTER (WHERE id > ?) FROM raw.{table}", [params[f"{table}_from"]]
