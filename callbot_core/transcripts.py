@@ -78,11 +78,11 @@ class SearchHit:
 def _rows_query(only_ids: Select | None = None) -> Select:
     """Conversation rows with their turn stats; `only_ids` limits the (costly) aggregation to a page."""
     stats = select(
-            TurnMetrics.conversation_id.label("cid"),
-            func.count(TurnMetrics.assistant_message_id).label("turns"),
-            func.count(TurnMetrics.error).label("failed"),
-            func.avg(TurnMetrics.ttft_ms).filter(TurnMetrics.error.is_(None)).label("mean_ttft"),
-        ).group_by(TurnMetrics.conversation_id)
+        TurnMetrics.conversation_id.label("cid"),
+        func.count(TurnMetrics.assistant_message_id).label("turns"),
+        func.count(TurnMetrics.error).label("failed"),
+        func.avg(TurnMetrics.ttft_ms).filter(TurnMetrics.error.is_(None)).label("mean_ttft"),
+    ).group_by(TurnMetrics.conversation_id)
     if only_ids is not None:
         stats = stats.where(TurnMetrics.conversation_id.in_(only_ids))
     turn_stats = stats.subquery()
