@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
-from bench._common import emit, peak_rss_mb  # noqa: E402
+from bench._common import ANSWERS, QUESTIONS, emit, fresh_postgres_database, peak_rss_mb  # noqa: E402
 from callbot_core.analytics import Analytics, DashboardFilters, dashboard_data  # noqa: E402
 from callbot_core.analytics.dashboard import DASHBOARD_COLUMNS, DASHBOARD_QUERIES  # noqa: E402
 from callbot_core.analytics.engine import libpq_conninfo, scanner_extension_path  # noqa: E402
@@ -60,31 +60,6 @@ MESSAGES_PER_CONVERSATION = 10
 FAILING_SHARE = 0.05
 USERS = 20
 
-QUESTIONS = [
-    "What are your opening hours?",
-    "Can I book an appointment for Tuesday morning?",
-    "My order hasn't arrived yet, can you check it?",
-    "How much does the premium plan cost?",
-    "Could you explain the past perfect tense?",
-    "Is there parking near the clinic?",
-    "I'd like to cancel my subscription.",
-    "Do you offer a discount for students?",
-    "How do I reset my password?",
-    "Can you remind me what we discussed last week?",
-    "What documents should I bring?",
-    "Is the doctor available on Saturday?",
-]
-ANSWERS = [
-    "We're open Monday to Friday from 8am to 6pm, and on Saturday mornings from 9am to noon.",
-    "Certainly. I have 9:30 or 11:00 available on Tuesday; which would suit you better?",
-    "I'm sorry about the delay. Let me look that up: your parcel left our warehouse yesterday.",
-    "The premium plan is 29 euros a month, billed monthly, and you can cancel at any time.",
-    "We use the past perfect for an action that happened before another past action.",
-    "Yes, there's a public car park right behind the building, free for the first two hours.",
-    "I can help with that. Before I cancel, may I ask what made you decide to leave?",
-    "We do: students get 20 percent off with a valid student card.",
-    "Of course. Is there anything else I can help you with today?",
-]
 SUMMARIES = [
     "The caller asked about opening hours and booked an appointment.",
     "The customer reported a late order; the agent tracked the parcel and promised an update.",
@@ -303,13 +278,7 @@ def load(store: Store, frames: dict[str, pd.DataFrame]) -> None:
 
 
 def fresh_postgres(url: str) -> Store:
-    server = make_url(url)
-    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{BENCH_DB}"'))
-    admin.dispose()
-    return Store(server.set(database=BENCH_DB).render_as_string(hide_password=False))
+    return fresh_postgres_database(url, BENCH_DB)
 
 
 def drop_postgres(url: str) -> None:

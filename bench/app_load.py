@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select  # noqa: E402
 
-from bench._common import emit, median, peak_rss_mb  # noqa: E402
+from bench._common import ANSWERS, QUESTIONS, emit, median, peak_rss_mb  # noqa: E402
 from callbot_core.auth import ensure_admin  # noqa: E402
 from callbot_core.store import Store  # noqa: E402
 from callbot_core.store.models import Conversation, Message, Persona, PersonaVersion, TurnMetrics, User  # noqa: E402
@@ -59,35 +59,6 @@ READY_TIMEOUT_MS = 30_000
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 COOKIE_NAME = "callbot_auth"  # app/streamlit_app.py COOKIE_NAME
 
-QUESTIONS = [
-    "What are your opening hours?",
-    "Can I book an appointment for Tuesday morning?",
-    "My order hasn't arrived yet, can you check it?",
-    "How much does the premium plan cost?",
-    "Could you explain the past perfect tense?",
-    "Is there parking near the clinic?",
-    "I'd like to cancel my subscription.",
-    "Do you offer a discount for students?",
-    "How do I reset my password?",
-    "Can you remind me what we discussed last week?",
-    "What documents should I bring?",
-    "Is the doctor available on Saturday?",
-    "Can I pay by card over the phone?",
-    "What's the difference between 'since' and 'for'?",
-    "Please summarise the options again.",
-]
-ANSWERS = [
-    "We're open Monday to Friday from 8am to 6pm, and on Saturday mornings from 9am to noon.",
-    "Certainly. I have 9:30 or 11:00 available on Tuesday; which would suit you better?",
-    "I'm sorry about the delay. Let me look that up: your parcel left our warehouse yesterday.",
-    "The premium plan is 29 euros a month, billed monthly, and you can cancel at any time.",
-    "We use the past perfect for an action that happened before another past action.",
-    "Yes, there's a public car park right behind the building, free for the first two hours.",
-    "I can help with that. Before I cancel, may I ask what made you decide to leave?",
-    "We do: students get 20 percent off with a valid student card.",
-    "Use the 'Forgot password' link on the sign-in page and follow the email we send you.",
-    "Of course. Is there anything else I can help you with today?",
-]
 SUMMARIES = [
     "The caller asked about opening hours and booked an appointment.",
     "The customer reported a late order; the agent tracked the parcel and promised an update.",

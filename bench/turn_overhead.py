@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import create_engine, insert, make_url, text  # noqa: E402
+from sqlalchemy import insert  # noqa: E402
 
-from bench._common import emit, peak_rss_mb, percentile  # noqa: E402
+from bench._common import emit, fresh_postgres_database, peak_rss_mb, percentile  # noqa: E402
 from callbot_core.conversation import ConversationService  # noqa: E402
 from callbot_core.llm.base import ChatMessage, GenerationParams, Health, Token, Usage, estimate_tokens  # noqa: E402
 from callbot_core.settings import Settings  # noqa: E402
@@ -71,14 +71,7 @@ BENCH_DB = "callbot_bench"
 
 
 def _fresh_postgres(url: str) -> Store:
-    """A store in its own database on that server, emptied first: the bench never touches test data."""
-    server = make_url(url)
-    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{BENCH_DB}"'))
-    admin.dispose()
-    return Store(server.set(database=BENCH_DB).render_as_string(hide_password=False))
+    return fresh_postgres_database(url, BENCH_DB)
 
 
 def measure(store: Store, settings: Settings, conversations: int, turns: int) -> tuple[list[float], list[float]]:
