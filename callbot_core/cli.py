@@ -97,6 +97,8 @@ def app_cmd(port: int, address: str) -> None:
         "--server.port", str(port),
         "--server.address", address,
         "--browser.gatherUsageStats", "false",
+        # No "Deploy" button or developer menu for researchers.
+        "--client.toolbarMode", "minimal",
         # Uploads and websockets must come from this app's own pages.
         "--server.enableXsrfProtection", "true",
     ]  # fmt: skip
