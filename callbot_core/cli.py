@@ -146,6 +146,87 @@ def personas_list() -> None:
     click.echo(_table(["key", "version", "name", "description"], rows))
 
 
+@cli.group("persona")
+def persona_group() -> None:
+    """Versions, diffs, the production label and Character Card V2 (JSON) import/export."""
+
+
+@persona_group.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--key", default=None, help="Persona key (default: the card's callbot key, else from its name).")
+def persona_import(file: Path, key: str | None) -> None:
+    """Import a Character Card V2 JSON file as a new persona, or a new version of KEY."""
+    from .persona_versions import import_card
+
+    info = import_card(_store(), file.read_bytes(), actor="cli", key=key)
+    click.echo(f"Imported {info.ref} ({info.name}).")
+
+
+@persona_group.command("export")
+@click.argument("ref")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Default: stdout.")
+def persona_export(ref: str, out: Path | None) -> None:
+    """Export KEY[@VERSION] as a Character Card V2 JSON document."""
+    import json
+
+    from .persona_versions import export_card
+
+    text = json.dumps(export_card(_store(), ref), indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+        click.echo(f"Wrote {out}", err=True)
+
+
+@persona_group.command("versions")
+@click.argument("key")
+def persona_versions_cmd(key: str) -> None:
+    """List the versions of KEY, oldest first; `*` marks production."""
+    from .persona_versions import list_versions
+
+    rows = [
+        (
+            f"{v.version}{' *' if v.production else ''}",
+            v.created_at.strftime("%Y-%m-%d %H:%M"),
+            v.temperature,
+            v.top_p,
+            v.max_tokens,
+            _one_line(v.note, 40),
+            _one_line(v.system_prompt, 50),
+        )
+        for v in list_versions(_store(), key)
+    ]
+    click.echo(_table(["version", "created", "temp", "top_p", "max_tok", "note", "system prompt"], rows))
+
+
+@persona_group.command("diff")
+@click.argument("ref_a")
+@click.argument("ref_b")
+def persona_diff(ref_a: str, ref_b: str) -> None:
+    """Show the fields that differ between two versions (KEY@A KEY@B)."""
+    from .persona_versions import diff_versions
+
+    diffs = diff_versions(_store(), ref_a, ref_b)
+    if not diffs:
+        click.echo("No differences.")
+    for d in diffs:
+        if d.diff:
+            click.echo(d.diff.rstrip("\n"))
+        else:
+            click.echo(f"{d.field}: {d.old!r} -> {d.new!r}")
+
+
+@persona_group.command("promote")
+@click.argument("ref")
+def persona_promote(ref: str) -> None:
+    """Move the production label of a persona to KEY@VERSION."""
+    from .persona_versions import set_production
+
+    info = set_production(_store(), ref, actor="cli")
+    click.echo(f"{info.ref} is now production.")
+
+
 # -- backends ----------------------------------------------------------------------------------
 
 

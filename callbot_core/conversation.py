@@ -18,6 +18,7 @@ from .errors import BackendError, CallbotError, Conflict, InvalidInput, NotFound
 from .history import PastMessage, build_prompt
 from .llm import GenerationParams, LLMBackend, Usage, get_backend
 from .metrics import TurnTimer
+from .persona_versions import default_variables, render_system_prompt
 from .personas import get_persona_version
 from .settings import Settings, get_settings
 from .store import Store, open_store
@@ -155,6 +156,7 @@ class ConversationService:
         self.settings = settings or get_settings()
         self.store = store or open_store(self.settings)
         self._backends = backends or (lambda name: get_backend(name, self.settings))
+        self._variables: dict[int, dict[str, str]] = {}
 
     def backend(self, name: str | None = None) -> LLMBackend:
         return self._backends(name)
@@ -169,8 +171,12 @@ class ConversationService:
         backend: str | None = None,
         model: str | None = None,
         channel: str = "text",
+        variables: dict[str, str] | None = None,
     ) -> ConversationInfo:
-        """Open a conversation with `persona` (`key` or `key@version`); the greeting is its first message."""
+        """Open a conversation with `persona` (`key` or `key@version`); the greeting is its first message.
+
+        `variables` fill `{{name}}` placeholders in the system prompt (caller_name, today, persona_name...).
+        """
         if channel not in CHANNELS:
             raise InvalidInput(f"Channel {channel!r} is not valid; channels: {', '.join(CHANNELS)}")
         with self.store.session() as session:
@@ -187,6 +193,9 @@ class ConversationService:
             )
             session.add(conversation)
             session.flush()
+            if variables:
+                # Kept in memory only: they shape prompts, and the transcript records the replies themselves.
+                self._variables[conversation.id] = dict(variables)
             if version.greeting:
                 session.add(
                     Message(
@@ -223,10 +232,14 @@ class ConversationService:
             version = conversation.persona_version
             llm = self.backend(conversation.backend)
             gen = params or GenerationParams(
-                temperature=version.temperature, top_p=version.top_p, max_tokens=version.max_tokens
+                temperature=version.temperature,
+                top_p=version.top_p,
+                max_tokens=version.max_tokens,
+                stop=tuple(version.stop_words or ()),
             )
             history = _load_history(session, conversation_id)
-            system_prompt = version.system_prompt
+            variables = {**default_variables(version.persona.name), **self._variables.get(conversation_id, {})}
+            system_prompt = render_system_prompt(version.system_prompt, variables)
         user_tokens = llm.count_tokens(user_text, conversation.model)
         history = [
             h if h.tokens >= 0 else replace(h, tokens=llm.count_tokens(h.text, conversation.model)) for h in history

@@ -99,7 +99,9 @@ def add_conversation(session, version: PersonaVersion, *, backend: str, model: s
 
 def version_of(session, key: str, version: int = 1) -> PersonaVersion:
     return session.scalar(
-        select(PersonaVersion).join(Persona).where(Persona.key == key, PersonaVersion.version == version)
+        select(PersonaVersion)
+        .join(Persona, Persona.id == PersonaVersion.persona_id)
+        .where(Persona.key == key, PersonaVersion.version == version)
     )
 
 

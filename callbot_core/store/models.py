@@ -78,8 +78,21 @@ class Persona(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The label lives on the persona, not on a version: moving it must not touch a used (frozen) version.
+    # use_alter breaks the personas <-> persona_versions cycle for CREATE/DROP order; SET NULL lets a
+    # version row be deleted without first clearing the label.
+    production_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey(
+            "persona_versions.id",
+            ondelete="SET NULL",
+            use_alter=True,
+            name="fk_personas_production_version_id_persona_versions",
+        )
+    )
 
-    versions: Mapped[list[PersonaVersion]] = relationship(back_populates="persona", order_by="PersonaVersion.version")
+    versions: Mapped[list[PersonaVersion]] = relationship(
+        back_populates="persona", order_by="PersonaVersion.version", foreign_keys="PersonaVersion.persona_id"
+    )
 
 
 class PersonaVersion(Base):
@@ -105,9 +118,17 @@ class PersonaVersion(Base):
     backend: Mapped[str | None] = mapped_column(String(40))
     model: Mapped[str | None] = mapped_column(String(200))
     voice: Mapped[str | None] = mapped_column(String(100))
+    # Server defaults so rows written before migration 0003 read as "none" rather than NULL.
+    stop_words: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
+    tags: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
+    # Character Card extension keys other than `callbot`, kept verbatim so an import/export round trip loses nothing.
+    card_extensions: Mapped[dict] = mapped_column(JSON, default=dict, server_default="{}")
+    # Card fields we keep for export but do not use directly (personality, scenario, mes_example...).
+    card_fields: Mapped[dict] = mapped_column(JSON, default=dict, server_default="{}")
+    note: Mapped[str] = mapped_column(Text, default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
-    persona: Mapped[Persona] = relationship(back_populates="versions")
+    persona: Mapped[Persona] = relationship(back_populates="versions", foreign_keys=[persona_id])
 
 
 class Conversation(Base):
