@@ -286,3 +286,84 @@ class SystemMetrics(Base):
     memory_used_mb: Mapped[float] = mapped_column(Float)
     disk_percent: Mapped[float] = mapped_column(Float)
     process_rss_mb: Mapped[float] = mapped_column(Float)
+
+
+class Comparison(Base):
+    """The same caller turns sent to 2-4 persona versions or parameter variants side by side."""
+
+    __tablename__ = "comparisons"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    title: Mapped[str] = mapped_column(String(200), default="")
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    # Blind: the page hides which variant is which until the user has voted on a turn.
+    blind: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ComparisonVariant(Base):
+    """One column of a comparison: its own stored conversation, with optional parameter overrides."""
+
+    __tablename__ = "comparison_variants"
+    __table_args__ = (UniqueConstraint("comparison_id", "position", name="uq_comparison_variants_position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(40))
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), unique=True)
+    params: Mapped[dict | None] = mapped_column(JSON)
+
+
+class ComparisonVote(Base):
+    """Which variant's reply a user preferred at one turn of a comparison."""
+
+    __tablename__ = "comparison_votes"
+    __table_args__ = (
+        UniqueConstraint("comparison_id", "turn_index", "voter_id", name="uq_comparison_votes_turn_voter"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"), index=True)
+    turn_index: Mapped[int] = mapped_column(Integer)
+    variant_id: Mapped[int] = mapped_column(ForeignKey("comparison_variants.id", ondelete="CASCADE"))
+    voter_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+EVAL_STATUSES = ("running", "passed", "failed", "error")
+
+
+class EvalRun(Base):
+    """One run of a scenario suite against one persona version and parameter set (one grid cell, one repeat)."""
+
+    __tablename__ = "eval_runs"
+    __table_args__ = (CheckConstraint(_in("status", EVAL_STATUSES), name="status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch: Mapped[str] = mapped_column(String(64), index=True)  # groups the cells of one `callbot eval run`
+    suite: Mapped[str] = mapped_column(String(200))
+    persona_version_id: Mapped[int] = mapped_column(ForeignKey("persona_versions.id"), index=True)
+    params: Mapped[dict | None] = mapped_column(JSON)
+    repeat_index: Mapped[int] = mapped_column(Integer, default=0)
+    conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id", ondelete="SET NULL"))
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class EvalResult(Base):
+    """One assertion's outcome on one turn of an eval run."""
+
+    __tablename__ = "eval_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    eval_run_id: Mapped[int] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"), index=True)
+    turn_index: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(40))
+    spec: Mapped[dict | None] = mapped_column(JSON)
+    passed: Mapped[bool] = mapped_column(Boolean)
+    score: Mapped[float | None] = mapped_column(Float)
+    detail: Mapped[str] = mapped_column(Text, default="")
