@@ -105,7 +105,7 @@ def _remember_wanted_page() -> None:
             st.session_state.setdefault(WANTED_PAGE, path)
 
 
-PAGE_PATHS = ("chat", "conversations", "analytics", "dashboards", "reports", "admin")
+PAGE_PATHS = ("chat", "conversations", "personas", "analytics", "dashboards", "reports", "admin")
 if not st.session_state.get("authentication_status"):
     _remember_wanted_page()
 
@@ -121,6 +121,7 @@ if user.can_chat:
 pages.append(
     st.Page(VIEWS / "conversations.py", title="Conversations", icon=":material/forum:", url_path="conversations")
 )
+pages.append(st.Page(VIEWS / "personas.py", title="Personas", icon=":material/person:", url_path="personas"))
 pages.append(st.Page(VIEWS / "analytics.py", title="Analytics", icon=":material/query_stats:", url_path="analytics"))
 pages.append(st.Page(VIEWS / "dashboards.py", title="Dashboards", icon=":material/monitoring:", url_path="dashboards"))
 pages.append(st.Page(VIEWS / "reports.py", title="Reports", icon=":material/description:", url_path="reports"))

@@ -177,3 +177,30 @@ def persona_catalog(store: Store) -> list[PersonaChoice]:
         for key, name, description, version in rows:
             catalog.setdefault(key, (name, description, []))[2].append(version)
     return [PersonaChoice(k, n, d, tuple(v)) for k, (n, d, v) in catalog.items()]
+
+
+@dataclass(frozen=True)
+class PersonaSummary:
+    key: str
+    name: str
+    description: str
+    latest: int
+    versions: int
+    production: int | None
+    archived: bool
+
+
+def all_personas(store: Store) -> list[PersonaSummary]:
+    """Every persona, archived ones too, with its latest and production version numbers."""
+    with store.session() as session:
+        out = []
+        for persona in session.scalars(select(Persona).order_by(Persona.key)):
+            numbers = [v.version for v in persona.versions]
+            production = next((v.version for v in persona.versions if v.id == persona.production_version_id), None)
+            out.append(
+                PersonaSummary(
+                    persona.key, persona.name, persona.description, max(numbers, default=0), len(numbers),
+                    production, persona.archived,
+                )  # fmt: skip
+            )
+        return out

@@ -1,0 +1,215 @@
+"""Personas: versions (every edit is a new one), clone, archive, the production label, diffs, cards."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from app.common import current_user, no_remote_images, store
+from callbot_core.errors import CallbotError
+from callbot_core.persona_versions import (
+    archive_persona,
+    clone_persona,
+    create_persona,
+    diff_versions,
+    export_card,
+    get_version,
+    import_card,
+    list_versions,
+    prompt_variables,
+    save_version,
+    set_production,
+)
+from callbot_core.personas import all_personas
+
+FLASH = "personas_flash"
+
+user = current_user()
+may_edit = user.can_chat
+st.title("Personas")
+
+
+def _act(success: str, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """Run a change; on success redraw so every list shows it, with a message that survives the rerun."""
+    try:
+        result = fn(*args, **kwargs)
+    except CallbotError as exc:
+        st.error(str(exc))
+        return None
+    st.session_state[FLASH] = success.format(result=result)
+    st.rerun()
+
+
+if flash := st.session_state.pop(FLASH, None):
+    st.success(flash)
+
+personas = all_personas(store())
+st.dataframe(
+    pd.DataFrame(
+        [
+            {
+                "key": p.key,
+                "name": p.name,
+                "latest": p.latest,
+                "versions": p.versions,
+                "production": p.production or "",
+                "archived": "yes" if p.archived else "",
+                "description": p.description,
+            }
+            for p in personas
+        ]
+    ),
+    hide_index=True,
+    width="stretch",
+    key="personas_table",
+)
+
+keys = [p.key for p in personas]
+key = st.selectbox(
+    "Persona", keys, key="personas_key", index=keys.index("receptionist") if "receptionist" in keys else 0
+)
+summary = next(p for p in personas if p.key == key)
+versions = list_versions(store(), key)
+numbers = [v.version for v in reversed(versions)]
+number = st.selectbox("Version", numbers, key=f"personas_version_{key}")
+current = get_version(store(), f"{key}@{number}")
+
+tags = []
+if current.production:
+    tags.append(":green-badge[production]")
+if summary.archived:
+    tags.append(":gray-badge[archived]")
+st.markdown(f"### {current.name} · `{current.ref}` " + " ".join(tags))
+st.caption(f"Saved {current.created_at:%Y-%m-%d %H:%M}" + (f" · {current.note}" if current.note else ""))
+
+view_tab, edit_tab, diff_tab, manage_tab, card_tab = st.tabs(["Version", "Edit", "Diff", "Manage", "Card"])
+
+with view_tab:
+    st.markdown("**System prompt**")
+    st.code(current.system_prompt, language=None, wrap_lines=True)
+    variables = prompt_variables(current.system_prompt)
+    if variables:
+        st.caption("Variables: " + ", ".join(f"`{{{{{v}}}}}`" for v in variables))
+    st.markdown("**Greeting**")
+    st.markdown(no_remote_images(current.greeting or "—"))
+    st.dataframe(
+        pd.DataFrame(
+            [
+                ("temperature", current.temperature),
+                ("top_p", current.top_p),
+                ("max tokens", current.max_tokens),
+                ("stop words", ", ".join(current.stop_words)),
+                ("backend", current.backend or "(configured)"),
+                ("model", current.model or "(backend default)"),
+                ("voice", current.voice or ""),
+                ("tags", ", ".join(current.tags)),
+            ],  # fmt: skip
+            columns=["setting", "value"],
+        ).astype(str),
+        hide_index=True,
+    )
+    st.dataframe(
+        pd.DataFrame(
+            [{"version": v.version, "saved": f"{v.created_at:%Y-%m-%d %H:%M}", "note": v.note} for v in versions]
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+
+with edit_tab:
+    if not may_edit:
+        st.info("Viewers read personas; researchers and admins edit them.")
+    else:
+        st.caption(f"Saving makes version {summary.latest + 1}; {current.ref} stays as it is and remains usable.")
+        with st.form(f"personas_edit_{key}"):
+            system_prompt = st.text_area("System prompt", current.system_prompt, height=180, key="pe_prompt")
+            greeting = st.text_input("Greeting", current.greeting, key="pe_greeting")
+            c1, c2, c3 = st.columns(3)
+            temperature = c1.number_input("Temperature", 0.0, 2.0, float(current.temperature), 0.05, key="pe_temp")
+            top_p = c2.number_input("Top p", 0.01, 1.0, float(current.top_p), 0.01, key="pe_top_p")
+            max_tokens = c3.number_input("Max tokens", 1, 4096, int(current.max_tokens), key="pe_max_tokens")
+            stop = st.text_input("Stop words (comma separated)", ", ".join(current.stop_words), key="pe_stop")
+            c4, c5, c6 = st.columns(3)
+            backend = c4.text_input("Backend (empty: configured)", current.backend or "", key="pe_backend")
+            model = c5.text_input("Model (empty: backend default)", current.model or "", key="pe_model")
+            voice = c6.text_input("Voice", current.voice or "", key="pe_voice")
+            tag_text = st.text_input("Tags (comma separated)", ", ".join(current.tags), key="pe_tags")
+            note = st.text_input("What changed", key="pe_note")
+            if st.form_submit_button("Save as a new version"):
+                _act(
+                    "Saved {result.ref}.",
+                    save_version,
+                    store(),
+                    key,
+                    {
+                        "system_prompt": system_prompt,
+                        "greeting": greeting,
+                        "temperature": temperature,
+                        "top_p": top_p,
+                        "max_tokens": int(max_tokens),
+                        "stop_words": [s.strip() for s in stop.split(",") if s.strip()],
+                        "backend": backend.strip() or None,
+                        "model": model.strip() or None,
+                        "voice": voice.strip() or None,
+                        "tags": [t.strip() for t in tag_text.split(",") if t.strip()],
+                    },
+                    actor=user.username,
+                    note=note,
+                )
+
+with diff_tab:
+    if len(numbers) < 2:
+        st.info("This persona has one version: nothing to compare yet.")
+    else:
+        d1, d2 = st.columns(2)
+        a = d1.selectbox("From", numbers, index=min(1, len(numbers) - 1), key=f"personas_diff_a_{key}")
+        b = d2.selectbox("To", numbers, index=0, key=f"personas_diff_b_{key}")
+        changes = diff_versions(store(), f"{key}@{a}", f"{key}@{b}")
+        if not changes:
+            st.info("These versions are the same.")
+        for change in changes:
+            st.markdown(f"**{change.field}**")
+            if change.diff:
+                st.code(change.diff, language="diff")
+            else:
+                st.markdown(f"`{change.old}` → `{change.new}`")
+
+with manage_tab:
+    if not may_edit:
+        st.info("Viewers read personas; researchers and admins manage them.")
+    else:
+        if not current.production and st.button(f"Make {current.ref} the production version", key="personas_promote"):
+            _act("{result.ref} is now production.", set_production, store(), current.ref, actor=user.username)
+        with st.form("personas_clone", clear_on_submit=True):
+            st.markdown(f"**Clone {current.ref}**")
+            new_key = st.text_input("New key", key="pc_key")
+            new_name = st.text_input("New name", key="pc_name")
+            if st.form_submit_button("Clone"):
+                _act(
+                    "Created {result.ref}.", clone_persona, store(), current.ref, new_key, new_name, actor=user.username
+                )
+        label = "Restore from the archive" if summary.archived else "Archive this persona"
+        if st.button(label, key="personas_archive"):
+            _act(f"{key} {'restored' if summary.archived else 'archived'}.", archive_persona, store(), key,
+                 archived=not summary.archived, actor=user.username)  # fmt: skip
+        with st.form("personas_create", clear_on_submit=True):
+            st.markdown("**New persona**")
+            n_key = st.text_input("Key", key="pn_key")
+            n_name = st.text_input("Name", key="pn_name")
+            n_description = st.text_input("Description", key="pn_description")
+            n_prompt = st.text_area("System prompt", key="pn_prompt")
+            n_greeting = st.text_input("Greeting", key="pn_greeting")
+            if st.form_submit_button("Create persona"):
+                _act("Created {result.ref}.", create_persona, store(), n_key, n_name, n_description,
+                     system_prompt=n_prompt, greeting=n_greeting, actor=user.username)  # fmt: skip
+
+with card_tab:
+    card = json.dumps(export_card(store(), current.ref), indent=2, ensure_ascii=False)
+    st.download_button(f"Download {current.ref} as a Character Card V2 (JSON)", card.encode("utf-8"),
+                       f"{current.key}-v{current.version}.json", "application/json", key="personas_card")  # fmt: skip
+    if may_edit:
+        upload = st.file_uploader("Import a Character Card V2 (JSON)", type=["json"], key="personas_import")
+        if upload is not None and st.button("Import", key="personas_import_go"):
+            _act("Imported {result.ref}.", import_card, store(), upload.getvalue(), actor=user.username)
