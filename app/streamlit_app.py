@@ -105,7 +105,7 @@ def _remember_wanted_page() -> None:
             st.session_state.setdefault(WANTED_PAGE, path)
 
 
-PAGE_PATHS = ("chat", "conversations", "personas", "analytics", "dashboards", "reports", "admin")
+PAGE_PATHS = ("chat", "compare", "conversations", "personas", "analytics", "dashboards", "reports", "admin")
 if not st.session_state.get("authentication_status"):
     _remember_wanted_page()
 
@@ -118,6 +118,7 @@ st.session_state[USER_KEY] = user
 pages = []
 if user.can_chat:
     pages.append(st.Page(VIEWS / "chat.py", title="Chat", icon=":material/chat:", url_path="chat"))
+    pages.append(st.Page(VIEWS / "compare.py", title="Compare", icon=":material/compare:", url_path="compare"))
 pages.append(
     st.Page(VIEWS / "conversations.py", title="Conversations", icon=":material/forum:", url_path="conversations")
 )

@@ -1,0 +1,206 @@
+"""Compare: send the same caller turns to 2-4 persona versions or parameter variants, side by side, and vote."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.common import current_user, metric_chips, no_remote_images, require, service, store
+from callbot_core.comparisons import (
+    MAX_VARIANTS,
+    MIN_VARIANTS,
+    ComparisonDetail,
+    Variant,
+    get_comparison,
+    list_comparisons,
+    send_turn,
+    start_comparison,
+    vote,
+)
+from callbot_core.errors import CallbotError, InvalidInput
+from callbot_core.llm import available_backends
+from callbot_core.personas import persona_catalog
+
+CMP = "compare_comparison_id"
+NOTICE = "compare_notice"
+
+user = current_user()
+require(user.can_chat, "compare personas")
+svc = service()
+
+st.title("Compare")
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _models(backend: str) -> tuple[list[str], str | None]:
+    """A backend's models, or the reason it has none to offer (down, misconfigured)."""
+    try:
+        return svc.backend(backend).list_models(), None
+    except CallbotError as exc:
+        return [], str(exc)
+
+
+def _setup() -> None:
+    """The form that starts a comparison: variants, backend and model, blind mode."""
+    catalog = persona_catalog(store())
+    if not catalog:
+        st.warning("No personas yet: run `callbot db upgrade` to seed the defaults.")
+        st.stop()
+    keys = [p.key for p in catalog]
+    default_key = keys.index("receptionist") if "receptionist" in keys else 0
+    with st.container(border=True):
+        count = st.number_input(
+            "Variants", min_value=MIN_VARIANTS, max_value=MAX_VARIANTS, value=MIN_VARIANTS, step=1, key="compare_count"
+        )
+        variants: list[Variant] = []
+        for i, column in enumerate(st.columns(int(count))):
+            label = chr(ord("A") + i)
+            with column:
+                st.markdown(f"**Variant {label}**")
+                choice = st.selectbox(
+                    "Persona",
+                    catalog,
+                    index=default_key,
+                    format_func=lambda p: f"{p.name} ({p.key})",
+                    key=f"compare_persona_{i}",
+                )
+                version = st.selectbox(
+                    "Version", list(reversed(choice.versions)), key=f"compare_version_{i}_{choice.key}"
+                )
+                temperature = st.number_input(
+                    "Temperature",
+                    min_value=0.0,
+                    max_value=2.0,
+                    value=None,
+                    step=0.1,
+                    placeholder="the version's own",
+                    key=f"compare_temperature_{i}",
+                    help="Leave empty to use the temperature saved in the persona version",
+                )
+            params = {"temperature": round(float(temperature), 2)} if temperature is not None else None
+            variants.append(Variant(f"{choice.key}@{version}", params))
+        c1, c2, c3 = st.columns([2, 3, 3])
+        backends = available_backends()
+        configured = svc.settings.llm_backend
+        backend = c1.selectbox(
+            "Backend",
+            backends,
+            index=backends.index(configured) if configured in backends else 0,
+            key="compare_backend",
+        )
+        models, model_error = _models(backend)
+        model = c2.selectbox("Model", models, key=f"compare_model_{backend}", disabled=not models)
+        title = c3.text_input("Title (optional)", key="compare_title", max_chars=200)
+        if model_error:
+            st.error(no_remote_images(model_error))
+        blind = st.toggle(
+            "Blind", key="compare_blind", help="Hide which variant is which until you have voted on a turn"
+        )
+        if st.button("Start comparison", type="primary", disabled=not models, key="compare_start"):
+            try:
+                info = start_comparison(
+                    svc, variants, user_id=user.id, title=title, blind=blind, backend=backend, model=model
+                )
+            except CallbotError as exc:
+                st.error(str(exc))
+            else:
+                st.session_state[CMP] = info.id
+                st.rerun()
+
+    earlier = list_comparisons(store(), 30, created_by=user.id)
+    if earlier:
+        with st.expander("Open an earlier comparison"):
+            picked = st.selectbox(
+                "Comparison",
+                earlier,
+                format_func=lambda r: (
+                    f"#{r.id} {r.title or 'untitled'} · {r.variants} variants · {r.votes} votes"
+                    + (" · blind" if r.blind else "")
+                ),
+                key="compare_earlier",
+            )
+            if st.button("Open", key="compare_open") and picked is not None:
+                st.session_state[CMP] = picked.id
+                st.rerun()
+
+
+def _show(detail: ComparisonDetail) -> None:
+    """Every turn: the caller's text, then one column per variant with its reply, metrics and vote button."""
+    for turn in detail.turns:
+        with st.chat_message("user"):
+            st.markdown(no_remote_images(turn.user_text))
+        revealed = detail.reveal(turn.index, user.id)
+        chosen = detail.vote_of(turn.index, user.id)
+        for variant, reply, column in zip(detail.variants, turn.replies, st.columns(len(detail.variants)), strict=True):
+            with column, st.container(border=True):
+                # Blind: only the label until this user has voted on this turn, so the vote rests on the text.
+                header = f"Variant {variant.label}"
+                if revealed:
+                    header += f" · {variant.describe()}"
+                st.markdown(
+                    f"**{no_remote_images(header)}**" + (" :violet-badge[preferred]" if chosen == variant.id else "")
+                )
+                if reply is None:
+                    st.caption("No reply: this turn was not sent to this variant.")
+                    continue
+                if reply.error:
+                    st.caption(f":red-badge[failed] {no_remote_images(reply.error)}")
+                else:
+                    st.markdown(no_remote_images(reply.text))
+                    chips = metric_chips(reply.ttft_ms, reply.tokens_per_s, reply.completion_tokens, reply.total_ms)
+                    st.markdown(f"{chips} :gray-badge[{reply.words} words]")
+                    if st.button(
+                        f"Prefer {variant.label}",
+                        key=f"compare_vote_{detail.id}_{turn.index}_{variant.id}",
+                        disabled=chosen == variant.id,
+                    ):
+                        try:
+                            vote(store(), detail.id, turn.index, variant.id, voter_id=user.id)
+                        except CallbotError as exc:
+                            st.session_state[NOTICE] = str(exc)
+                        st.rerun()
+
+
+cid = st.session_state.get(CMP)
+if cid is None:
+    st.info("Choose 2–4 persona versions or temperatures and press **Start comparison**.")
+    _setup()
+    st.stop()
+
+try:
+    detail = get_comparison(store(), cid)
+except CallbotError as exc:
+    st.session_state.pop(CMP, None)
+    st.error(str(exc))
+    st.stop()
+
+top = st.columns([6, 1])
+top[0].caption(
+    f"Comparison {detail.id}"
+    + (f" · {no_remote_images(detail.title)}" if detail.title else "")
+    + f" · {len(detail.variants)} variants"
+    + (" · blind" if detail.blind else "")
+)
+if top[1].button("New comparison", key="compare_new"):
+    st.session_state.pop(CMP, None)
+    st.rerun()
+
+notice = st.session_state.pop(NOTICE, None)
+if notice:
+    st.error(no_remote_images(notice))
+
+_show(detail)
+if not detail.turns:
+    st.info("Type a caller turn below: every variant gets the same text at once.")
+
+prompt = st.chat_input("Say the same thing to every variant", key="compare_input")
+if prompt:
+    with st.spinner("Waiting for every variant…"):
+        try:
+            send_turn(svc, detail.id, prompt)
+        except InvalidInput as exc:
+            st.warning(f"Not sent: {exc}")
+            st.stop()
+        except CallbotError as exc:
+            st.error(str(exc))
+            st.stop()
+    st.rerun()
