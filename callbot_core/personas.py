@@ -199,8 +199,13 @@ def all_personas(store: Store) -> list[PersonaSummary]:
             production = next((v.version for v in persona.versions if v.id == persona.production_version_id), None)
             out.append(
                 PersonaSummary(
-                    persona.key, persona.name, persona.description, max(numbers, default=0), len(numbers),
-                    production, persona.archived,
+                    persona.key,
+                    persona.name,
+                    persona.description,
+                    max(numbers, default=0),
+                    len(numbers),
+                    production,
+                    persona.archived,
                 )  # fmt: skip
             )
         return out
