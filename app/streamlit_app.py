@@ -105,7 +105,9 @@ def _remember_wanted_page() -> None:
             st.session_state.setdefault(WANTED_PAGE, path)
 
 
-PAGE_PATHS = ("chat", "compare", "conversations", "personas", "analytics", "dashboards", "reports", "admin")
+PAGE_PATHS = (
+    "chat", "compare", "conversations", "personas", "analytics", "dashboards", "leaderboard", "reports", "admin",
+)  # fmt: skip
 if not st.session_state.get("authentication_status"):
     _remember_wanted_page()
 
@@ -125,6 +127,7 @@ pages.append(
 pages.append(st.Page(VIEWS / "personas.py", title="Personas", icon=":material/person:", url_path="personas"))
 pages.append(st.Page(VIEWS / "analytics.py", title="Analytics", icon=":material/query_stats:", url_path="analytics"))
 pages.append(st.Page(VIEWS / "dashboards.py", title="Dashboards", icon=":material/monitoring:", url_path="dashboards"))
+pages.append(st.Page(VIEWS / "leaderboard.py", title="Leaderboard", icon=":material/trophy:", url_path="leaderboard"))
 pages.append(st.Page(VIEWS / "reports.py", title="Reports", icon=":material/description:", url_path="reports"))
 if user.is_admin:
     pages.append(st.Page(VIEWS / "admin.py", title="Admin", icon=":material/admin_panel_settings:", url_path="admin"))

@@ -101,3 +101,38 @@ def test_reports_page_runs_a_report_and_opens_it(with_turns: Store) -> None:
     assert not at.exception, at.exception
     assert any("finished" in s.value for s in at.success), [e.value for e in at.error]
     assert any(b.label == "Download the report (HTML)" for b in at.get("download_button"))
+
+
+def test_leaderboard_shows_the_table_and_pivot_and_promotes(with_turns: Store) -> None:
+    from callbot_core.store.models import EvalResult, EvalRun, Persona, PersonaVersion
+
+    with with_turns.session() as s:
+        version = s.scalar(
+            select(PersonaVersion).join(Persona, Persona.id == PersonaVersion.persona_id)
+            .where(Persona.key == "receptionist", PersonaVersion.version == 1)
+        )  # fmt: skip
+        run = EvalRun(batch="lb", suite="receptionist", persona_version_id=version.id, params={"temperature": 0.2},
+                      status="passed")  # fmt: skip
+        s.add(run)
+        s.flush()
+        s.add_all([EvalResult(eval_run_id=run.id, turn_index=0, kind="contains", passed=True, detail=""),
+                   EvalResult(eval_run_id=run.id, turn_index=0, kind="regex", passed=False, detail="")])  # fmt: skip
+
+    viewer = sign_in("vera", PW)  # viewers see the leaderboard, but cannot promote
+    viewer.switch_page(view("leaderboard")).run()
+    assert titles(viewer) == ["Leaderboard"], viewer.exception
+    assert len(viewer.dataframe) == 2 and not [b for b in viewer.button if b.label == "Promote to production"]
+    table = viewer.dataframe[0].value
+    row = table[table["version"] == "receptionist@1"].iloc[0]
+    assert row["params"] == '{"temperature": 0.2}' and row["pass_rate"] == 0.5 and row["assertions"] == 2
+
+    at = sign_in("rita", PW)
+    at.switch_page(view("leaderboard")).run()
+    assert titles(at) == ["Leaderboard"], at.exception
+    at.selectbox(key="lb_promote").select("receptionist@1").run()
+    button(at, "Promote to production").click()
+    at.run()
+    assert not at.error and at.success, at.exception
+    with with_turns.session() as s:
+        persona = s.scalar(select(Persona).where(Persona.key == "receptionist"))
+        assert persona.production_version_id == version.id

@@ -14,7 +14,8 @@ DuckDB's own format (`<runtime>/analytics.duckdb`) and kept in step incrementall
   longer match, compared row by row: updated rows are updated, deleted ones leave with their messages and
   turns. A conversation replaced under a reused id (SQLite hands the highest id out again after it was
   deleted) has a different start time and is treated as deleted and new;
-- users, personas and persona versions are small and copied whole when their hash changes.
+- users, personas, persona versions, eval runs and results, and comparisons (variants, votes) are small
+  and copied whole when their hash changes; JSON columns are stored as canonical JSON text.
 
 How rows are read: PostgreSQL is attached READ_ONLY through DuckDB's postgres scanner, loaded from the
 `duckdb-extension-postgres-scanner` package (never INSTALLed: that would need the internet), with the id
@@ -72,7 +73,18 @@ __all__ = ["Analytics", "QueryResult", "QueryTimeout", "RefreshStats", "scanner_
 SNAPSHOT_NAME = "analytics.duckdb"
 SOURCE = "src"  # the attached store's catalog name inside the refresh connection
 APPEND_ONLY = ("messages", "turn_metrics")
-SMALL_TABLES = ("users", "personas", "persona_versions")
+# Small enough to copy whole when their hash changes; this also covers eval runs whose status changes and
+# rows deleted by cascades (a conversation's comparison variants and votes).
+SMALL_TABLES = (
+    "users",
+    "personas",
+    "persona_versions",
+    "eval_runs",
+    "eval_results",
+    "comparisons",
+    "comparison_variants",
+    "comparison_votes",
+)
 # Ids a PostgreSQL transaction may still commit below the highest id already copied (see the docstring).
 PG_ID_MARGIN = 1000
 STAGE_CHUNK = 100_000  # rows per batch when staging SQLite rows: bounded memory on the first copy
@@ -665,6 +677,18 @@ def _stored(table: str) -> list[Any]:
     return [c for c in TABLES[table] if c.source is None or c.source.startswith("CAST(s.")]
 
 
+def _canonical_json(value: str | None) -> str:
+    if value is None:
+        return "{}"
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return value
+    if parsed is None or parsed == {}:
+        return "{}"
+    return json.dumps(parsed, sort_keys=True, ensure_ascii=False)
+
+
 def _cols(table: str) -> str:
     """The store columns of a small table, as the probe hashes them (they have no computed columns)."""
     return ", ".join(c.name for c in TABLES[table])
@@ -687,6 +711,7 @@ class _Sync:
         self.deleted: dict[str, int] = {}
         self.attached = False
         self.rebuilding = False
+        self.canonical_json_ready = False
         try:
             self.conn = an._connect_writer()
         except (duckdb.IOException, duckdb.SerializationException, duckdb.InternalException) as exc:
@@ -782,6 +807,7 @@ class _Sync:
             exprs = [
                 f"to_char({c.name} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')" if c.type == "TIMESTAMP"
                 else f"CAST({c.name} AS INTEGER)" if c.type == "BOOLEAN"
+                else f"CAST({c.name} AS TEXT)" if c.json
                 else c.name
                 for c in _stored(table)
             ]  # fmt: skip
@@ -903,8 +929,22 @@ class _Sync:
             self.conn.execute(f"DELETE FROM raw.{table}")
             rel = self.source(table, 0, 2**62)
             n = self.count(f"INSERT INTO raw.{table} SELECT {self.select_list(table)} FROM {rel} s ORDER BY s.id")
+            json_columns = [c.name for c in TABLES[table] if c.json]
+            if json_columns:
+                self.ensure_canonical_json()
+                sets = ", ".join(f"{c} = canonical_json({c})" for c in json_columns)
+                self.conn.execute(f"UPDATE raw.{table} SET {sets}")
             self.add(self.copied, table, n)
             self.add(self.deleted, table, max(before - n, 0))
+
+    def ensure_canonical_json(self) -> None:
+        """`canonical_json(text)` on the refresh connection: sorted keys, '{}' for NULL, JSON null or empty."""
+        if self.canonical_json_ready:
+            return
+        self.conn.create_function(
+            "canonical_json", _canonical_json, ["VARCHAR"], "VARCHAR", null_handling="special", side_effects=False
+        )
+        self.canonical_json_ready = True
 
     def snapshot_conversations(self) -> tuple[list[Any], list[int]]:
         """The probe's figures for conversations, read from the snapshot."""

@@ -71,6 +71,14 @@ BUILTIN_QUERIES: tuple[SavedQueryInfo, ...] = (
         True,
         "workbench",
     ),
+    SavedQueryInfo(
+        None,
+        "Leaderboard",
+        "select * from leaderboard order by pass_rate desc nulls last",
+        "Persona versions and parameter sets ranked by scenario-suite pass rate, with side-by-side votes.",
+        True,
+        "workbench",
+    ),
 )
 
 

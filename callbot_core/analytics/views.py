@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Bump when a table's columns, a copy expression or a view changes: an older snapshot is then rebuilt.
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,8 @@ class Column:
     type: str
     # DuckDB expression over the attached store's table (alias `s`); None means the column itself.
     source: str | None = None
+    # A JSON column: read as text, and stored in the snapshot as canonical JSON (sorted keys; '{}' for none).
+    json: bool = False
 
 
 def _ts(name: str) -> Column:
@@ -121,6 +123,54 @@ TABLES: dict[str, list[Column]] = {
         Column("started_at", "TIMESTAMP", "NULL"),
         Column("user_words", "INTEGER", "NULL"),
         Column("bot_words", "INTEGER", "NULL"),
+    ],
+    # Scenario-suite runs and their assertions' results (callbot_core/evals), and side-by-side comparisons.
+    "eval_runs": [
+        Column("id", "BIGINT"),
+        Column("batch", "VARCHAR"),
+        Column("suite", "VARCHAR"),
+        Column("persona_version_id", "BIGINT"),
+        Column("params", "VARCHAR", json=True),
+        Column("repeat_index", "INTEGER"),
+        Column("conversation_id", "BIGINT"),
+        Column("created_by", "VARCHAR"),
+        _ts("started_at"),
+        _ts("finished_at"),
+        Column("status", "VARCHAR"),
+        Column("error", "VARCHAR"),
+    ],
+    "eval_results": [
+        Column("id", "BIGINT"),
+        Column("eval_run_id", "BIGINT"),
+        Column("turn_index", "INTEGER"),
+        Column("kind", "VARCHAR"),
+        Column("spec", "VARCHAR", json=True),
+        Column("passed", "BOOLEAN", "CAST(s.passed AS BOOLEAN)"),
+        Column("score", "DOUBLE"),
+        Column("detail", "VARCHAR"),
+    ],
+    "comparisons": [
+        Column("id", "BIGINT"),
+        Column("title", "VARCHAR"),
+        Column("created_by", "BIGINT"),
+        _ts("created_at"),
+        Column("blind", "BOOLEAN", "CAST(s.blind AS BOOLEAN)"),
+    ],
+    "comparison_variants": [
+        Column("id", "BIGINT"),
+        Column("comparison_id", "BIGINT"),
+        Column("position", "INTEGER"),
+        Column("label", "VARCHAR"),
+        Column("conversation_id", "BIGINT"),
+        Column("params", "VARCHAR", json=True),
+    ],
+    "comparison_votes": [
+        Column("id", "BIGINT"),
+        Column("comparison_id", "BIGINT"),
+        Column("turn_index", "INTEGER"),
+        Column("variant_id", "BIGINT"),
+        Column("voter_id", "BIGINT"),
+        _ts("created_at"),
     ],
     "system_metrics": [
         Column("id", "BIGINT"),
@@ -299,6 +349,67 @@ SELECT
     coalesce(t.words, 0) AS words
 FROM conv FULL OUTER JOIN t USING (day)
 """,
+    "leaderboard": """
+WITH runs AS (
+    SELECT id, persona_version_id, conversation_id, coalesce(params, '{}') AS params FROM raw.eval_runs
+), run_counts AS (
+    SELECT persona_version_id, params, count(*) AS eval_runs FROM runs GROUP BY 1, 2
+), res AS (
+    SELECT r.persona_version_id, r.params,
+           count(*) AS assertions,
+           avg(CASE WHEN e.passed THEN 1.0 ELSE 0.0 END) AS pass_rate,
+           avg(e.score) FILTER (WHERE e.kind = 'similar_to') AS mean_similarity,
+           avg(e.score) FILTER (WHERE e.kind = 'judge') AS mean_judge_score
+    FROM raw.eval_results e JOIN runs r ON r.id = e.eval_run_id
+    GROUP BY 1, 2
+), lat AS (
+    SELECT r.persona_version_id, r.params,
+           quantile_cont(tm.ttft_ms, 0.5) FILTER (WHERE tm.error IS NULL) AS ttft_p50_ms,
+           quantile_cont(tm.ttft_ms, 0.95) FILTER (WHERE tm.error IS NULL) AS ttft_p95_ms,
+           avg(tm.tokens_per_s) FILTER (WHERE tm.error IS NULL) AS tokens_per_s_mean,
+           avg(tm.bot_words) FILTER (WHERE tm.error IS NULL) AS words_per_turn
+    FROM raw.turn_metrics tm JOIN runs r ON r.conversation_id = tm.conversation_id
+    GROUP BY 1, 2
+), variants AS (
+    SELECT v.id, v.comparison_id, c.persona_version_id, coalesce(v.params, '{}') AS params
+    FROM raw.comparison_variants v JOIN raw.conversations c ON c.id = v.conversation_id
+), won AS (
+    SELECT v.persona_version_id, v.params, count(*) AS votes
+    FROM raw.comparison_votes cv JOIN variants v ON v.id = cv.variant_id
+    GROUP BY 1, 2
+), took_part AS (
+    SELECT v.persona_version_id, v.params, count(DISTINCT (cv.comparison_id, cv.turn_index)) AS comparisons
+    FROM variants v JOIN raw.comparison_votes cv ON cv.comparison_id = v.comparison_id
+    GROUP BY 1, 2
+), cells AS (
+    SELECT persona_version_id, params FROM runs
+    UNION
+    SELECT persona_version_id, params FROM variants
+)
+SELECT
+    p.key AS persona,
+    pv.version AS persona_version,
+    k.params,
+    coalesce(rc.eval_runs, 0) AS eval_runs,
+    coalesce(res.assertions, 0) AS assertions,
+    res.pass_rate,
+    res.mean_similarity,
+    res.mean_judge_score,
+    lat.ttft_p50_ms,
+    lat.ttft_p95_ms,
+    lat.tokens_per_s_mean,
+    lat.words_per_turn,
+    coalesce(won.votes, 0) AS votes,
+    coalesce(took_part.comparisons, 0) AS comparisons
+FROM cells k
+JOIN raw.persona_versions pv ON pv.id = k.persona_version_id
+JOIN raw.personas p ON p.id = pv.persona_id
+LEFT JOIN run_counts rc ON rc.persona_version_id = k.persona_version_id AND rc.params = k.params
+LEFT JOIN res ON res.persona_version_id = k.persona_version_id AND res.params = k.params
+LEFT JOIN lat ON lat.persona_version_id = k.persona_version_id AND lat.params = k.params
+LEFT JOIN won ON won.persona_version_id = k.persona_version_id AND won.params = k.params
+LEFT JOIN took_part ON took_part.persona_version_id = k.persona_version_id AND took_part.params = k.params
+""",
     "messages": """
 SELECT id, conversation_id, role, text, created_at, token_count, words FROM raw.messages
 """,
@@ -418,6 +529,29 @@ VIEW_DOCS: list[ViewDoc] = [
         ],
     ),
     ViewDoc(
+        "leaderboard",
+        "One row per persona version and parameter set that was evaluated by a scenario suite or took part "
+        "in a side-by-side comparison. Eval figures come from the assertions of that version and parameter "
+        "set's suite runs; latency, speed and words from those runs' conversations (successful turns); votes "
+        "from the side-by-side comparisons.",
+        [
+            ("persona", "persona key"),
+            ("persona_version", "version number"),
+            ("params", "generation parameters as canonical JSON (sorted keys), '{}' for none"),
+            ("eval_runs", "suite runs (one per suite, version, parameter set and repeat)"),
+            ("assertions", "assertion results of those runs"),
+            ("pass_rate", "passed / assertions, 0..1 (NULL without assertions)"),
+            ("mean_similarity", "mean cosine similarity of the similar_to assertions"),
+            ("mean_judge_score", "mean LLM-judge score (1-5) of the judge assertions"),
+            ("ttft_p50_ms", "median time to first token in the runs' conversations"),
+            ("ttft_p95_ms", "95th percentile time to first token in the runs' conversations"),
+            ("tokens_per_s_mean", "mean decode speed in the runs' conversations"),
+            ("words_per_turn", "mean words per bot reply in the runs' conversations"),
+            ("votes", "side-by-side votes won"),
+            ("comparisons", "side-by-side turns voted on in which this version and parameter set took part"),
+        ],
+    ),
+    ViewDoc(
         "messages",
         "Every stored message: the transcripts.",
         [
@@ -448,6 +582,8 @@ VIEW_DOCS: list[ViewDoc] = [
 
 RAW_TABLES_NOTE = (
     "The copied store tables are also readable as raw.users (no password hashes or e-mail), raw.personas, "
-    "raw.persona_versions, raw.conversations, raw.messages, raw.turn_metrics and raw.system_metrics. "
+    "raw.persona_versions, raw.conversations, raw.messages, raw.turn_metrics, raw.system_metrics, "
+    "raw.eval_runs, raw.eval_results, raw.comparisons, raw.comparison_variants and raw.comparison_votes "
+    "(JSON columns as canonical JSON text). "
     "Times are UTC. word_count(text) counts words the way the views do."
 )

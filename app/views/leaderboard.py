@@ -1,0 +1,54 @@
+"""Leaderboard: persona versions and parameter sets ranked by their suite results and side-by-side votes.
+
+The numbers are the `leaderboard` analytics view's, so `callbot sql` and notebooks see the same.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.common import analytics, current_user, store
+from callbot_core.errors import CallbotError
+from callbot_core.persona_versions import set_production
+
+user = current_user()
+st.title("Leaderboard")
+st.caption(
+    "One row per persona version and parameter set: pass rate and scores from scenario-suite runs, latency "
+    "and length from those runs' conversations, votes from side-by-side comparisons. "
+    'The same numbers: `callbot sql "select * from leaderboard"`.'
+)
+
+try:
+    board = analytics().df("select * from leaderboard order by pass_rate desc nulls last, persona, persona_version")
+except CallbotError as exc:
+    st.error(str(exc))
+    st.stop()
+
+if board.empty:
+    st.info("Nothing to rank yet: run a scenario suite (`callbot eval run`) or vote on the Compare page.")
+    st.stop()
+
+board.insert(0, "version", board["persona"] + "@" + board["persona_version"].astype(str))
+st.dataframe(
+    board.drop(columns=["persona", "persona_version"]),
+    hide_index=True,
+    use_container_width=True,
+    column_config={"pass_rate": st.column_config.ProgressColumn("pass_rate", min_value=0.0, max_value=1.0)},
+)
+
+st.subheader("Pass rate by version and parameters")
+pivot = board.pivot_table(index="version", columns="params", values="pass_rate", aggfunc="mean", dropna=False)
+st.dataframe(pivot, use_container_width=True)
+
+if user.role in ("admin", "researcher"):
+    st.subheader("Promote to production")
+    c1, c2 = st.columns([3, 1])
+    choice = c1.selectbox("Version", sorted(board["version"].unique()), key="lb_promote")
+    if c2.button("Promote to production", key="lb_promote_btn", disabled=not choice):
+        try:
+            set_production(store(), choice, actor=user.username)
+        except CallbotError as exc:
+            st.error(str(exc))
+        else:
+            st.success(f"{choice} is now the production version.")
