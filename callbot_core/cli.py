@@ -447,11 +447,13 @@ def export_conversations_cmd(fmt: str, out: Path) -> None:
 from .cli_analytics import sql_cmd  # noqa: E402
 from .cli_evals import eval_group  # noqa: E402
 from .cli_reports import pipelines, report  # noqa: E402
+from .cli_simulate import simulate_cmd  # noqa: E402
 
 cli.add_command(sql_cmd)
 cli.add_command(report)
 cli.add_command(pipelines)
 cli.add_command(eval_group)
+cli.add_command(simulate_cmd)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -55,3 +55,43 @@ def test_viewers_read_but_do_not_edit(app_store: Store) -> None:
     at = _personas("vera", PW)
     assert "Save as a new version" not in [b.label for b in at.button]
     assert any("Viewers read personas" in i.value for i in at.info)
+
+
+def test_a_researcher_runs_a_suite_with_progress(app_store: Store, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from callbot_core.persona_versions import save_version
+    from callbot_core.store.models import EvalResult, EvalRun
+
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "tiny.yaml").write_text(
+        "name: tiny\nturns:\n  - say: What are your opening hours?\n    expect:\n      - max_words: 500\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("CALLBOT_SUITES_DIR", str(suites))
+    fast = save_version(app_store, "receptionist", {"max_tokens": 12}, note="short replies for a fast test")
+    at = _personas()
+    at.selectbox(key="personas_key").select("receptionist").run()
+    assert at.selectbox(key="ps_suite").options == ["tiny.yaml", "(uploaded file)"]
+    assert at.multiselect(key="ps_versions_receptionist").value == [fast.version]
+    at.text_input(key="ps_temps").input("0.2, 0.7")
+    button(at, "Run suite").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert any(s.value.startswith("Batch ") and "2 case(s) of tiny stored" in s.value for s in at.success)
+    assert at.get("progress"), "the run shows a progress bar"
+    summary = next(d.value for d in at.dataframe if "pass rate" in d.value.columns)
+    assert list(summary["params"]) == ["temperature=0.2", "temperature=0.7"]
+    assert list(summary["pass rate"]) == ["100%", "100%"]
+    with app_store.session() as session:
+        runs = session.scalars(select(EvalRun).where(EvalRun.suite == "tiny")).all()
+        assert len(runs) == 2 and {r.created_by for r in runs} == {"rita"}
+        assert session.scalars(select(EvalResult).where(EvalResult.eval_run_id.in_([r.id for r in runs]))).all()
+
+
+def test_viewers_do_not_run_suites(app_store: Store) -> None:
+    at = _personas("vera", PW)
+    assert "Run suite" not in [b.label for b in at.button]
+    assert any("Viewers read suite results" in i.value for i in at.info)

@@ -67,3 +67,12 @@ def test_analytics_compares_duckdb_with_both_stores() -> None:
     assert r["dashboard_total_s"] > 0 and r["sqlite_total_s"] > 0 and r["postgres_total_s"] > 0
     assert r["duckdb_vs_sqlite_ratio"] == pytest.approx(r["sqlite_total_s"] / r["dashboard_total_s"], rel=0.1)
     assert r["refresh_nochange_ms"] > 0 and r["initial_snapshot_s"] > 0 and r["peak_rss_mb"] > 50
+
+
+def test_eval_throughput_runs_both_modes() -> None:
+    r = _result("eval_throughput.py", "--cases", "2", "--rounds", "1", "--max-tokens", "8")
+    assert {"cases_per_s_sequential", "cases_per_s_concurrent", "concurrency_speedup", "peak_rss_mb"} <= r.keys()
+    assert r["cases"] == 4 and r["cases_per_s_sequential"] > 0 and r["cases_per_s_concurrent"] > 0
+    expected = r["cases_per_s_concurrent"] / r["cases_per_s_sequential"]
+    assert r["concurrency_speedup"] == pytest.approx(expected, rel=0.05, abs=0.002)
+    assert r["peak_rss_mb"] > 50

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from app.common import current_user, no_remote_images, store
-from callbot_core.errors import CallbotError
+from app.common import current_user, no_remote_images, service, store
+from callbot_core.errors import CallbotError, InvalidInput
+from callbot_core.evals import load_suite, parse_suite, run_suite
+from callbot_core.evals.runner import format_params
 from callbot_core.persona_versions import (
     archive_persona,
     clone_persona,
@@ -25,6 +29,8 @@ from callbot_core.persona_versions import (
 from callbot_core.personas import all_personas
 
 FLASH = "personas_flash"
+SUITES_DIR = Path(os.environ.get("CALLBOT_SUITES_DIR") or Path(__file__).resolve().parents[2] / "data" / "suites")
+UPLOADED = "(uploaded file)"
 
 user = current_user()
 may_edit = user.can_chat
@@ -54,7 +60,7 @@ st.dataframe(
                 "name": p.name,
                 "latest": p.latest,
                 "versions": p.versions,
-                "production": p.production or "",
+                "production": str(p.production) if p.production else "",
                 "archived": "yes" if p.archived else "",
                 "description": p.description,
             }
@@ -84,7 +90,9 @@ if summary.archived:
 st.markdown(f"### {current.name} · `{current.ref}` " + " ".join(tags))
 st.caption(f"Saved {current.created_at:%Y-%m-%d %H:%M}" + (f" · {current.note}" if current.note else ""))
 
-view_tab, edit_tab, diff_tab, manage_tab, card_tab = st.tabs(["Version", "Edit", "Diff", "Manage", "Card"])
+view_tab, edit_tab, diff_tab, manage_tab, card_tab, suites_tab = st.tabs(
+    ["Version", "Edit", "Diff", "Manage", "Card", "Suites"]
+)
 
 with view_tab:
     st.markdown("**System prompt**")
@@ -213,3 +221,82 @@ with card_tab:
         upload = st.file_uploader("Import a Character Card V2 (JSON)", type=["json"], key="personas_import")
         if upload is not None and st.button("Import", key="personas_import_go"):
             _act("Imported {result.ref}.", import_card, store(), upload.getvalue(), actor=user.username)
+
+
+def _temperatures(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise InvalidInput(f"Temperatures must be numbers separated by commas, e.g. 0.2, 0.7 (not {text!r})") from None
+    if any(not 0 <= v <= 2 for v in values):
+        raise InvalidInput("Temperatures must be between 0 and 2")
+    return values
+
+
+with suites_tab:
+    if not may_edit:
+        st.info("Viewers read suite results; researchers and admins run suites.")
+    else:
+        st.caption(f"Run a scenario suite against versions of {key}: every version × temperature × repeat is one case.")
+        files = sorted(p.name for p in SUITES_DIR.glob("*.yaml")) if SUITES_DIR.is_dir() else []
+        choice = st.selectbox("Suite", [*files, UPLOADED], key="ps_suite")
+        upload = None
+        if choice == UPLOADED:
+            upload = st.file_uploader("Suite file (YAML)", type=["yaml", "yml"], key="ps_upload")
+        chosen = st.multiselect("Versions", numbers, default=[number], key=f"ps_versions_{key}")
+        c1, c2 = st.columns(2)
+        temps_text = c1.text_input("Temperatures (comma separated; empty: the version's own)", key="ps_temps")
+        repeat = c2.number_input("Repeat", 1, 20, 1, key="ps_repeat")
+        if st.button("Run suite", key="ps_run"):
+            try:
+                if choice == UPLOADED:
+                    if upload is None:
+                        raise InvalidInput("Upload a suite file first")
+                    suite = parse_suite(upload.getvalue().decode("utf-8"), source=upload.name)
+                else:
+                    suite = load_suite(SUITES_DIR / choice)
+                if not chosen:
+                    raise InvalidInput("Pick at least one version")
+                temps = _temperatures(temps_text)
+                bar = st.progress(0.0, text=f"Running {suite.name}…")
+
+                def _progress(done: int, total: int) -> None:
+                    bar.progress(done / total if total else 1.0, text=f"Running {suite.name}: {done}/{total} cases")
+
+                batch = run_suite(
+                    service(),
+                    suite,
+                    [f"{key}@{n}" for n in sorted(chosen)],
+                    params_grid={"temperature": temps} if temps else None,
+                    repeat=int(repeat),
+                    created_by=user.username,
+                    progress=_progress,
+                )
+            except CallbotError as exc:
+                st.error(str(exc))
+            else:
+                st.success(f"Batch {batch.batch}: {len(batch.cells)} case(s) of {suite.name} stored.")
+                st.dataframe(
+                    pd.DataFrame(
+                        [
+                            {
+                                "persona": r.persona,
+                                "params": format_params(r.params),
+                                "cases": r.cases,
+                                "passed": r.passed,
+                                "pass rate": f"{r.pass_rate:.0%}",
+                                "checks": f"{r.assertions_passed}/{r.assertions}",
+                                "similarity": "-" if r.mean_similarity is None else f"{r.mean_similarity:.2f}",
+                                "judge": "-" if r.mean_judge is None else f"{r.mean_judge:.1f}",
+                                "TTFT p50 ms": "-" if r.ttft_p50_ms is None else f"{r.ttft_p50_ms:,.0f}",
+                            }
+                            for r in batch.summary()
+                        ]
+                    ),
+                    hide_index=True,
+                    width="stretch",
+                    key="ps_summary",
+                )
+                for cell in batch.cells:
+                    if cell.error:
+                        st.error(f"run {cell.run_id} ({cell.persona}, {format_params(cell.params)}): {cell.error}")

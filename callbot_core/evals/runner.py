@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import secrets
 import statistics
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from .suite import Suite
 # Grid parameters a suite run may vary, and how each value is read.
 GRID_PARAMS: dict[str, type] = {"temperature": float, "top_p": float, "max_tokens": int, "seed": int}
 Progress = Callable[[int, int], None]
+# Backends that generate one reply at a time in this process (a llama.cpp context behind one lock).
+SERIAL_BACKENDS = frozenset({"embedded"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,10 @@ class _Cell:
     defaults: GenerationParams
     params: dict[str, Any]
     repeat_index: int
+    # Held around each generation when the backend runs one generation at a time (the embedded model):
+    # cells then take turns generating while one cell's assertions and writes overlap the other's reply,
+    # and a turn's TTFT never includes time spent waiting for the model.
+    gate: threading.Lock | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -137,17 +144,22 @@ def run_suite(
     if concurrency < 1:
         raise InvalidInput(f"concurrency must be at least 1, not {concurrency}")
     combos = _combinations(params_grid or {})
-    versions: list[tuple[str, int, GenerationParams]] = []
+    versions: list[tuple[str, int, GenerationParams, threading.Lock | None]] = []
+    gates: dict[str, threading.Lock] = {}
     with service.store.session() as session:
         for ref in dict.fromkeys(refs):  # the same version twice would only duplicate cells
             v = get_persona_version(session, ref)
             defaults = GenerationParams(
                 temperature=v.temperature, top_p=v.top_p, max_tokens=v.max_tokens, stop=tuple(v.stop_words or ())
             )
-            versions.append((f"{v.persona.key}@{v.version}", v.id, defaults))
+            gate = None
+            with contextlib.suppress(CallbotError):  # a backend that cannot be had fails in its cells, stored
+                llm = service.backend(v.backend)
+                gate = gates.setdefault(llm.name, threading.Lock()) if llm.name in SERIAL_BACKENDS else None
+            versions.append((f"{v.persona.key}@{v.version}", v.id, defaults, gate))
     cells = [
-        _Cell(ref, vid, defaults, combo, r)
-        for ref, vid, defaults in versions
+        _Cell(ref, vid, defaults, combo, r, gate)
+        for ref, vid, defaults, gate in versions
         for combo in combos
         for r in range(repeat)
     ]
@@ -158,7 +170,12 @@ def run_suite(
     total = len(cells)
     if progress:
         progress(0, total)
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="eval") as pool:
+    workers = concurrency
+    if cells and all(c.gate is not None for c in cells) and len({id(c.gate) for c in cells}) == 1:
+        # Every cell needs the one serial model: a second thread could only wait for it, and measured it cost
+        # (bench/eval_throughput.py: 0.73x with a waiting thread), so such a grid runs on one thread.
+        workers = 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval") as pool:
         futures = [pool.submit(_run_cell, service, suite, batch.batch, cell, created_by, context) for cell in cells]
         # Progress is reported from this thread only, so callers may drive a non-thread-safe progress bar.
         for done, future in enumerate(as_completed(futures), start=1):
@@ -205,38 +222,48 @@ def _run_cell(
     conversation_id: int | None = None
     gen = _params(cell.defaults, cell.params)
     try:
-        info = service.start(cell.ref, channel="api")
-        conversation_id = info.id
-        with service.store.session() as session:
-            session.get(EvalRun, run_id).conversation_id = conversation_id  # type: ignore[union-attr]
-        for index, turn in enumerate(suite.turns):
-            stream = service.send(conversation_id, turn.say, params=gen)
-            # A backend failure is stored on the turn and carried by stream.result: judged below, not raised.
-            with contextlib.suppress(CallbotError):
-                stream.text()
-            turn_result = stream.result
-            assert turn_result is not None
-            if turn_result.ttft_ms is not None and turn_result.error is None:
-                result.ttft_ms.append(turn_result.ttft_ms)
-            outcomes = [(a, evaluate(a, turn.say, turn_result, context)) for a in turn.expect]
+        if suite.simulate is not None:
+            with cell.gate or contextlib.nullcontext():  # the caller shares the model: the whole call at once
+                conversation_id = _run_simulated(service, suite, run_id, gen, result, context)
+            raise _Done
+        # A serial backend (the embedded model) runs one cell's conversation at a time: interleaving two
+        # conversations on one llama.cpp context would throw away its prompt cache on every turn (3x slower
+        # measured) and count the wait for the model in TTFT. Other cells meanwhile set up and write results.
+        with cell.gate or contextlib.nullcontext():
+            info = service.start(cell.ref, channel="api")
+            conversation_id = info.id
             with service.store.session() as session:
-                session.add_all(
-                    EvalResult(
-                        eval_run_id=run_id,
-                        turn_index=index,
-                        kind=a.kind,
-                        spec=a.spec,
-                        passed=o.passed,
-                        score=o.score,
-                        detail=o.detail[:4000],
+                session.get(EvalRun, run_id).conversation_id = conversation_id  # type: ignore[union-attr]
+            for index, turn in enumerate(suite.turns):
+                stream = service.send(conversation_id, turn.say, params=gen)
+                # A backend failure is stored on the turn and carried by stream.result: judged below, not raised.
+                with contextlib.suppress(CallbotError):
+                    stream.text()
+                turn_result = stream.result
+                assert turn_result is not None
+                if turn_result.ttft_ms is not None and turn_result.error is None:
+                    result.ttft_ms.append(turn_result.ttft_ms)
+                outcomes = [(a, evaluate(a, turn.say, turn_result, context)) for a in turn.expect]
+                with service.store.session() as session:
+                    session.add_all(
+                        EvalResult(
+                            eval_run_id=run_id,
+                            turn_index=index,
+                            kind=a.kind,
+                            spec=a.spec,
+                            passed=o.passed,
+                            score=o.score,
+                            detail=o.detail[:4000],
+                        )
+                        for a, o in outcomes
                     )
-                    for a, o in outcomes
-                )
-            result.outcomes += [(index, a.kind, o) for a, o in outcomes]
-            if turn_result.error is not None:
-                # Later turns would run on a conversation missing a reply: measuring them would mislead.
-                result.error = f"turn {index + 1} failed: {turn_result.error}"
-                break
+                result.outcomes += [(index, a.kind, o) for a, o in outcomes]
+                if turn_result.error is not None:
+                    # Later turns would run on a conversation missing a reply: measuring them would mislead.
+                    result.error = f"turn {index + 1} failed: {turn_result.error}"
+                    break
+        raise _Done
+    except _Done:
         if result.error:
             result.status = "error"
         else:
@@ -257,6 +284,61 @@ def _run_cell(
                 conversation.status = "ended"
                 conversation.ended_at = utcnow()
     return result
+
+
+class _Done(Exception):
+    """The cell ran to its end (scripted or simulated): judge its outcomes."""
+
+
+def _store_outcomes(service: ConversationService, run_id: int, index: int, outcomes: list) -> None:  # type: ignore[type-arg]
+    with service.store.session() as session:
+        session.add_all(
+            EvalResult(
+                eval_run_id=run_id,
+                turn_index=index,
+                kind=a.kind,
+                spec=a.spec,
+                passed=o.passed,
+                score=o.score,
+                detail=o.detail[:4000],
+            )
+            for a, o in outcomes
+        )
+
+
+def _run_simulated(
+    service: ConversationService,
+    suite: Suite,
+    run_id: int,
+    gen: GenerationParams,
+    result: CellResult,
+    context: AssertionContext,
+) -> int | None:
+    """A simulated caller drives the cell; `expect_each` is checked on every bot reply."""
+    from ..simulated import CallerPersona, SimulatedTurn, simulate_call
+
+    sim = suite.simulate
+    assert sim is not None
+    started: dict[str, int] = {}
+
+    def on_start(conversation_id: int) -> None:
+        started["id"] = conversation_id
+        with service.store.session() as session:
+            session.get(EvalRun, run_id).conversation_id = conversation_id  # type: ignore[union-attr]
+
+    def on_turn(turn: SimulatedTurn) -> None:
+        r = turn.result
+        if r.ttft_ms is not None and r.error is None:
+            result.ttft_ms.append(r.ttft_ms)
+        outcomes = [(a, evaluate(a, turn.caller, r, context)) for a in suite.expect_each]
+        _store_outcomes(service, run_id, turn.index, outcomes)
+        result.outcomes += [(turn.index, a.kind, o) for a, o in outcomes]
+
+    caller = CallerPersona(goal=sim.goal, personality=sim.personality, turns=sim.turns, opening=sim.opening)
+    sim_result = simulate_call(service, result.persona, caller, params=gen, on_turn=on_turn, on_start=on_start)
+    if sim_result.error:
+        result.error = sim_result.error
+    return started.get("id")
 
 
 def _params(defaults: GenerationParams, overrides: dict[str, Any]) -> GenerationParams:

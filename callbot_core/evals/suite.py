@@ -40,7 +40,8 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     "similar_to": ("reference", {"threshold": 0.6}),
     "judge": ("rubric", {"min_score": 3, "backend": None, "model": None}),
 }
-_TOP_LEVEL = ("name", "description", "persona", "turns")
+_TOP_LEVEL = ("name", "description", "persona", "turns", "simulate", "expect_each")
+_SIMULATE_FIELDS = ("goal", "personality", "turns", "opening")
 _TURN_FIELDS = ("say", "expect")
 
 
@@ -68,15 +69,30 @@ class Turn:
 
 
 @dataclass(frozen=True, slots=True)
+class Simulate:
+    """A simulated caller drives the conversation instead of scripted turns (see callbot_core.simulated)."""
+
+    goal: str
+    personality: str = "polite"
+    turns: int = 3
+    opening: str | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Suite:
     name: str
     turns: tuple[Turn, ...]
     description: str = ""
     persona: str | None = None
     source: str = field(default="<suite>", compare=False)
+    simulate: Simulate | None = None
+    expect_each: tuple[Assertion, ...] = ()
 
     @property
     def assertion_count(self) -> int:
+        if self.simulate is not None:
+            return self.simulate.turns * len(self.expect_each)
         return sum(len(t.expect) for t in self.turns)
 
 
@@ -180,8 +196,27 @@ class _Parser:
         persona = None
         if "persona" in fields and not _is_null(fields["persona"][1]):
             persona = self.text(fields["persona"][1], "", "persona").strip()
+        if "simulate" in fields:
+            if "turns" in fields:
+                raise self.fail(fields["turns"][0], "", "give either 'turns' or 'simulate', not both")
+            simulate = self.simulate(fields["simulate"][1])
+            expect_each: list[Assertion] = []
+            if "expect_each" in fields and not _is_null(fields["expect_each"][1]):
+                each_node = fields["expect_each"][1]
+                if not isinstance(each_node, yaml.SequenceNode):
+                    raise self.fail(each_node, "", f"'expect_each' must be a list, not {_kind_of(each_node)}")
+                for i, a_node in enumerate(each_node.value, start=1):
+                    expect_each.append(self.assertion(a_node, f"expect_each, assertion {i}"))
+            return Suite(
+                name=name.strip(), description=description.strip(), persona=persona, turns=(), source=self.source,
+                simulate=simulate, expect_each=tuple(expect_each),
+            )  # fmt: skip
+        if "expect_each" in fields:
+            raise self.fail(
+                fields["expect_each"][0], "", "'expect_each' goes with 'simulate'; scripted turns use 'expect'"
+            )
         if "turns" not in fields:
-            raise self.fail(root, "", "missing field 'turns'")
+            raise self.fail(root, "", "missing field 'turns' (or a 'simulate' block)")
         turns_node = fields["turns"][1]
         if not isinstance(turns_node, yaml.SequenceNode):
             raise self.fail(turns_node, "", f"'turns' must be a list, not {_kind_of(turns_node)}")
@@ -191,6 +226,26 @@ class _Parser:
         return Suite(
             name=name.strip(), description=description.strip(), persona=persona, turns=turns, source=self.source
         )
+
+    def simulate(self, node: yaml.Node) -> Simulate:
+        where = "simulate"
+        fields = self.mapping(node, where, "'simulate'")
+        for key, (key_node, _) in fields.items():
+            if key not in _SIMULATE_FIELDS:
+                raise self.fail(key_node, where, f"unknown field '{key}' (known: {', '.join(_SIMULATE_FIELDS)})")
+        if "goal" not in fields:
+            raise self.fail(node, where, "missing field 'goal'")
+        goal = self.text(fields["goal"][1], where, "goal").strip()
+        personality = (
+            self.text(fields["personality"][1], where, "personality").strip() if "personality" in fields else "polite"
+        )
+        turns = 3
+        if "turns" in fields:
+            turns = int(self.number(fields["turns"][1], where, "turns", integer=True, low=1, high=20))
+        opening = None
+        if "opening" in fields and not _is_null(fields["opening"][1]):
+            opening = self.text(fields["opening"][1], where, "opening").strip()
+        return Simulate(goal=goal, personality=personality, turns=turns, opening=opening, line=node.start_mark.line + 1)
 
     def turn(self, node: yaml.Node, number: int) -> Turn:
         where = f"turn {number}"
