@@ -8,10 +8,20 @@ STAMP := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-# Reinstall only when the dependency list changes; pip caches the llama-cpp-python wheel it builds.
-$(STAMP): pyproject.toml
+# llama-cpp-python ships only as source. It is built once, portable (GGML_NATIVE=OFF: AVX2, no AVX-512
+# or AMX kernels; a native build on these Xeons segfaults on the first prompt longer than one token), into a
+# wheel directory of our own: pip's cache is keyed by the source, not by CMAKE_ARGS, and would hand back a
+# wheel built with other flags. The version is read from pyproject.toml so the pin lives in one place.
+LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml | head -n 1)
+WHEELS := $(HOME)/.cache/callbot-wheels/llama-cpp-python-$(LLAMA_VERSION)-portable
+
+# Reinstall only when the dependency list or this recipe changes.
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip wheel --quiet --disable-pip-version-check \
+		--no-deps --no-cache-dir -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --find-links $(WHEELS) -e '.[dev]'
 	touch $(STAMP)
 
 run: install
