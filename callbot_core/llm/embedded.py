@@ -106,6 +106,11 @@ class EmbeddedBackend:
         llm = self._llm()
         payload = [{"role": m.role, "content": m.content} for m in messages]
         with model_lock(self._path, self._n_ctx):
+            if params.seed is not None:
+                # A seed asks for a reply that can be had again. Reusing the cached prompt prefix evaluates
+                # only the new tokens, in smaller batches whose float sums round differently, which can flip
+                # a near-tie; evaluating the whole prompt afresh makes the same seed give the same reply.
+                llm.reset()
             started = time.perf_counter()
             try:
                 chunks = llm.create_chat_completion(
