@@ -72,24 +72,10 @@ def eval_run(
         batch = run_suite(
             service, suite, list(personas), params_grid=grid, repeat=repeat, concurrency=concurrency, progress=progress
         )
-    rows = [
-        (
-            r.persona,
-            format_params(r.params),
-            r.cases,
-            r.passed,
-            f"{r.pass_rate:.0%}",
-            f"{r.assertions_passed}/{r.assertions}",
-            "-" if r.mean_similarity is None else f"{r.mean_similarity:.2f}",
-            "-" if r.mean_judge is None else f"{r.mean_judge:.1f}",
-            "-" if r.ttft_p50_ms is None else f"{r.ttft_p50_ms:,.0f} ms",
-        )
-        for r in batch.summary()
-    ]
+    displayed = [r.display() for r in batch.summary()]
     click.echo(f"Batch {batch.batch} · suite {suite.name} · {len(batch.cells)} case(s)")
-    click.echo(
-        _table(["persona", "params", "cases", "passed", "pass rate", "checks", "similarity", "judge", "TTFT p50"], rows)
-    )
+    if displayed:
+        click.echo(_table(list(displayed[0]), [tuple(d.values()) for d in displayed]))
     for cell in batch.cells:
         if cell.error:
             click.secho(f"run {cell.run_id} ({cell.persona}, {format_params(cell.params)}): {cell.error}", fg="red")

@@ -28,9 +28,10 @@ def test_edit_saves_a_new_version_and_the_old_one_stays(app_store: Store) -> Non
     assert f"Saved tutor@{new}." in [s.value for s in at.success]
     assert get_version(app_store, f"tutor@{new}").temperature == 0.3
     assert get_version(app_store, f"tutor@{max(before)}").system_prompt.startswith("You are a patient")
+    assert at.selectbox(key="personas_version_tutor").value == new  # the page shows the version just saved
 
     at.selectbox(key="personas_key").select("tutor").run()
-    diffs = [c.value for c in at.code if "strict French tutor" in c.value]
+    diffs = [c.value for c in at.code if c.value.startswith("--- tutor@") and "strict French tutor" in c.value]
     assert diffs and diffs[0].count("\n-") >= 1  # a unified diff of the prompt
 
 
@@ -46,9 +47,11 @@ def test_promote_clone_and_card_export(app_store: Store) -> None:
     button(at, "Clone").click()
     at.run()
     assert "Created sales-b@1." in [s.value for s in at.success]
+    assert at.selectbox(key="personas_key").value == "sales-b"  # the clone is shown, ready to edit
+    assert not at.warning, [w.value for w in at.warning]
 
     labels = [b.label for b in at.get("download_button")]
-    assert "Download sales@1 as a Character Card V2 (JSON)" in labels  # its body: tests/test_personas.py
+    assert "Download sales-b@1 as a Character Card V2 (JSON)" in labels  # its body: tests/test_personas.py
 
 
 def test_viewers_read_but_do_not_edit(app_store: Store) -> None:

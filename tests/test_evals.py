@@ -316,7 +316,7 @@ def test_cli_runs_a_suite_prints_the_summary_and_lists_batches(run, tmp_path: Pa
     assert "suite tiny · 2 case(s)" in out
     lines = [line for line in out.splitlines() if line.startswith("support@1")]
     # contains zzzz fails on purpose: a measurement, so still exit 0, with 1 of 2 checks passed per row.
-    assert len(lines) == 2 and all(" 0%" in line and "1/2" in line for line in lines), out
+    assert len(lines) == 2 and all(" 50%" in line and "1/2" in line for line in lines), out
     assert "max_tokens=8, temperature=0.2" in out and "max_tokens=8, temperature=0.7" in out
     assert "Running tiny" in proc.stderr
     listing = run("eval", "list").stdout

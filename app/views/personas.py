@@ -29,6 +29,7 @@ from callbot_core.persona_versions import (
 from callbot_core.personas import all_personas
 
 FLASH = "personas_flash"
+SELECT = "personas_select"  # (key, version) to show after the rerun that follows a change
 SUITES_DIR = Path(os.environ.get("CALLBOT_SUITES_DIR") or Path(__file__).resolve().parents[2] / "data" / "suites")
 UPLOADED = "(uploaded file)"
 
@@ -45,6 +46,9 @@ def _act(success: str, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         st.error(str(exc))
         return None
     st.session_state[FLASH] = success.format(result=result)
+    if hasattr(result, "key") and hasattr(result, "version"):
+        # Show what was just made or changed (a clone, a new version), not what was selected before.
+        st.session_state[SELECT] = (result.key, result.version)
     st.rerun()
 
 
@@ -73,9 +77,14 @@ st.dataframe(
 )
 
 keys = [p.key for p in personas]
-key = st.selectbox(
-    "Persona", keys, key="personas_key", index=keys.index("receptionist") if "receptionist" in keys else 0
-)
+if pending := st.session_state.pop(SELECT, None):
+    # Set before the selectboxes exist: Streamlit refuses changes to a drawn widget's state.
+    st.session_state["personas_key"] = pending[0]
+    st.session_state[f"personas_version_{pending[0]}"] = pending[1]
+if st.session_state.get("personas_key") not in keys:
+    # The default lives in session state, not in index=: Streamlit warns when a widget gets both.
+    st.session_state["personas_key"] = "receptionist" if "receptionist" in keys else keys[0]
+key = st.selectbox("Persona", keys, key="personas_key")
 summary = next(p for p in personas if p.key == key)
 versions = list_versions(store(), key)
 numbers = [v.version for v in reversed(versions)]
@@ -277,22 +286,7 @@ with suites_tab:
             else:
                 st.success(f"Batch {batch.batch}: {len(batch.cells)} case(s) of {suite.name} stored.")
                 st.dataframe(
-                    pd.DataFrame(
-                        [
-                            {
-                                "persona": r.persona,
-                                "params": format_params(r.params),
-                                "cases": r.cases,
-                                "passed": r.passed,
-                                "pass rate": f"{r.pass_rate:.0%}",
-                                "checks": f"{r.assertions_passed}/{r.assertions}",
-                                "similarity": "-" if r.mean_similarity is None else f"{r.mean_similarity:.2f}",
-                                "judge": "-" if r.mean_judge is None else f"{r.mean_judge:.1f}",
-                                "TTFT p50 ms": "-" if r.ttft_p50_ms is None else f"{r.ttft_p50_ms:,.0f}",
-                            }
-                            for r in batch.summary()
-                        ]
-                    ),
+                    pd.DataFrame([r.display() for r in batch.summary()]),
                     hide_index=True,
                     width="stretch",
                     key="ps_summary",

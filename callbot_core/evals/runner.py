@@ -79,6 +79,21 @@ class SummaryRow:
     def assertion_pass_rate(self) -> float:
         return self.assertions_passed / self.assertions if self.assertions else 0.0
 
+    def display(self) -> dict[str, str]:
+        """The row as the CLI and the Personas page show it, column name -> formatted value."""
+        return {
+            "persona": self.persona,
+            "params": format_params(self.params),
+            "runs": str(self.cases),
+            "runs passed": str(self.passed),
+            "checks": f"{self.assertions_passed}/{self.assertions}",
+            # The share of checks passed: the leaderboard's pass_rate, so the two agree.
+            "pass rate": f"{self.assertion_pass_rate:.0%}",
+            "similarity": "-" if self.mean_similarity is None else f"{self.mean_similarity:.2f}",
+            "judge": "-" if self.mean_judge is None else f"{self.mean_judge:.1f}",
+            "TTFT p50 ms": "-" if self.ttft_p50_ms is None else f"{self.ttft_p50_ms:,.0f}",
+        }
+
 
 @dataclass(slots=True)
 class BatchResult:
