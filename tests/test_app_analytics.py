@@ -132,7 +132,9 @@ def test_leaderboard_shows_the_table_and_pivot_and_promotes(with_turns: Store) -
     at.selectbox(key="lb_promote").select("receptionist@1").run()
     button(at, "Promote to production").click()
     at.run()
-    assert not at.error and at.success, at.exception
+    assert not at.error and [s.value for s in at.success] == ["receptionist@1 is now the production version."]
+    table = at.dataframe[0].value  # the page ran again: the table shows the label where it now is
+    assert bool(table[table["version"] == "receptionist@1"].iloc[0]["production"]) is True
     with with_turns.session() as s:
         persona = s.scalar(select(Persona).where(Persona.key == "receptionist"))
         assert persona.production_version_id == version.id

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from callbot_core.analytics import Analytics
+from callbot_core.persona_versions import set_production
 from callbot_core.store.models import (
     Comparison,
     ComparisonVariant,
@@ -148,7 +149,16 @@ def test_leaderboard_numbers(store, tmp_path: Path) -> None:
     assert (plain1["eval_runs"], plain1["assertions"], plain1["votes"], plain1["comparisons"]) == (0, 0, 2, 3)
     assert same(plain1["pass_rate"], None)
 
-    # Changes reach the snapshot: a run's status, a new vote, a deleted variant conversation (cascade).
+    # Changes reach the snapshot: the production label, a run's status, a new vote, a deleted variant
+    # conversation (cascade).
+    set_production(store, "receptionist@2")
+    rows = board(an)
+    assert {k: r["production"] for k, r in rows.items()} == {
+        ("receptionist", 1, '{"temperature": 0.2}'): False,
+        ("receptionist", 1, "{}"): False,
+        ("receptionist", 2, "{}"): True,
+        ("receptionist", 2, HOT): True,
+    }
     with store.session() as s:
         s.get(EvalRun, ids["r3"]).status = "failed"
         s.add(ComparisonVote(comparison_id=ids["comparison"], turn_index=3, variant_id=ids["vb"]))

@@ -19,6 +19,11 @@ st.caption(
     'The same numbers: `callbot sql "select * from leaderboard"`.'
 )
 
+NOTICE = "leaderboard_notice"
+notice = st.session_state.pop(NOTICE, None)
+if notice:
+    st.success(notice)
+
 try:
     board = analytics().df("select * from leaderboard order by pass_rate desc nulls last, persona, persona_version")
 except CallbotError as exc:
@@ -33,13 +38,16 @@ board.insert(0, "version", board["persona"] + "@" + board["persona_version"].ast
 st.dataframe(
     board.drop(columns=["persona", "persona_version"]),
     hide_index=True,
-    use_container_width=True,
-    column_config={"pass_rate": st.column_config.ProgressColumn("pass_rate", min_value=0.0, max_value=1.0)},
+    width="stretch",
+    column_config={
+        "pass_rate": st.column_config.ProgressColumn("pass_rate", min_value=0.0, max_value=1.0),
+        "production": st.column_config.CheckboxColumn("production"),
+    },
 )
 
 st.subheader("Pass rate by version and parameters")
 pivot = board.pivot_table(index="version", columns="params", values="pass_rate", aggfunc="mean", dropna=False)
-st.dataframe(pivot, use_container_width=True)
+st.dataframe(pivot, width="stretch")
 
 if user.role in ("admin", "researcher"):
     st.subheader("Promote to production")
@@ -51,4 +59,6 @@ if user.role in ("admin", "researcher"):
         except CallbotError as exc:
             st.error(str(exc))
         else:
-            st.success(f"{choice} is now the production version.")
+            # Rerun so the table above shows the label where it now is.
+            st.session_state[NOTICE] = f"{choice} is now the production version."
+            st.rerun()

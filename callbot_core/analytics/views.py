@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Bump when a table's columns, a copy expression or a view changes: an older snapshot is then rebuilt.
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +61,7 @@ TABLES: dict[str, list[Column]] = {
         Column("description", "VARCHAR"),
         _ts("created_at"),
         Column("archived", "BOOLEAN", "CAST(s.archived AS BOOLEAN)"),
+        Column("production_version_id", "BIGINT"),
     ],
     "persona_versions": [
         Column("id", "BIGINT"),
@@ -390,6 +391,7 @@ SELECT
     p.key AS persona,
     pv.version AS persona_version,
     k.params,
+    coalesce(p.production_version_id = pv.id, false) AS production,
     coalesce(rc.eval_runs, 0) AS eval_runs,
     coalesce(res.assertions, 0) AS assertions,
     res.pass_rate,
@@ -538,6 +540,7 @@ VIEW_DOCS: list[ViewDoc] = [
             ("persona", "persona key"),
             ("persona_version", "version number"),
             ("params", "generation parameters as canonical JSON (sorted keys), '{}' for none"),
+            ("production", "true when this version carries the persona's production label now"),
             ("eval_runs", "suite runs (one per suite, version, parameter set and repeat)"),
             ("assertions", "assertion results of those runs"),
             ("pass_rate", "passed / assertions, 0..1 (NULL without assertions)"),
