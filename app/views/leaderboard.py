@@ -42,12 +42,18 @@ st.dataframe(
     column_config={
         "pass_rate": st.column_config.ProgressColumn("pass_rate", min_value=0.0, max_value=1.0),
         "production": st.column_config.CheckboxColumn("production"),
+        "mean_similarity": st.column_config.NumberColumn("mean_similarity", format="%.2f"),
+        "mean_judge_score": st.column_config.NumberColumn("mean_judge_score", format="%.1f"),
+        "ttft_p50_ms": st.column_config.NumberColumn("ttft_p50_ms", format="%.0f"),
+        "ttft_p95_ms": st.column_config.NumberColumn("ttft_p95_ms", format="%.0f"),
+        "tokens_per_s_mean": st.column_config.NumberColumn("tokens_per_s_mean", format="%.1f"),
+        "words_per_turn": st.column_config.NumberColumn("words_per_turn", format="%.1f"),
     },
 )
 
 st.subheader("Pass rate by version and parameters")
 pivot = board.pivot_table(index="version", columns="params", values="pass_rate", aggfunc="mean", dropna=False)
-st.dataframe(pivot, width="stretch")
+st.dataframe(pivot, width="stretch", column_config={c: st.column_config.NumberColumn(format="%.2f") for c in pivot})
 
 if user.role in ("admin", "researcher"):
     st.subheader("Promote to production")
