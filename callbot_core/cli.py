@@ -217,6 +217,65 @@ def persona_diff(ref_a: str, ref_b: str) -> None:
             click.echo(f"{d.field}: {d.old!r} -> {d.new!r}")
 
 
+@persona_group.command("clone")
+@click.argument("ref")
+@click.argument("new_key")
+@click.option("--name", default=None, help="The clone's name (default: the source's name + ' (copy)').")
+def persona_clone(ref: str, new_key: str, name: str | None) -> None:
+    """Make NEW_KEY, a new persona whose version 1 copies REF (KEY or KEY@VERSION)."""
+    from .persona_versions import clone_persona, get_version
+
+    store = _store()
+    info = clone_persona(store, ref, new_key, name or f"{get_version(store, ref).name} (copy)", actor="cli")
+    click.echo(f"Created {info.ref} ({info.name}).")
+
+
+@persona_group.command("edit")
+@click.argument("key")
+@click.option("--system-prompt", default=None, help="The new system prompt.")
+@click.option(
+    "--system-prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="Read the new system prompt from this file.",
+)  # fmt: skip
+@click.option("--greeting", default=None)
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--stop", "stop_words", multiple=True, help="A stop word (repeatable; replaces the list).")
+@click.option("--note", default="", help="What changed, kept with the version.")
+def persona_edit(
+    key: str,
+    system_prompt: str | None,
+    system_prompt_file: Path | None,
+    greeting: str | None,
+    temperature: float | None,
+    top_p: float | None,
+    max_tokens: int | None,
+    stop_words: tuple[str, ...],
+    note: str,
+) -> None:
+    """Save a new version of KEY: the latest version with the given fields changed."""
+    from .persona_versions import save_version
+
+    if system_prompt is not None and system_prompt_file is not None:
+        raise InvalidInput("Give --system-prompt or --system-prompt-file, not both")
+    if system_prompt_file is not None:
+        system_prompt = system_prompt_file.read_text(encoding="utf-8")
+    given = {
+        "system_prompt": system_prompt,
+        "greeting": greeting,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_tokens": max_tokens,
+        "stop_words": list(stop_words) or None,
+    }
+    changes = {k: v for k, v in given.items() if v is not None}
+    if not changes:
+        raise InvalidInput("Nothing to change: give at least one of the options (see --help)")
+    info = save_version(_store(), key, changes, actor="cli", note=note)
+    click.echo(f"Saved {info.ref}.")
+
+
 @persona_group.command("promote")
 @click.argument("ref")
 def persona_promote(ref: str) -> None:

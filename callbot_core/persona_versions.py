@@ -387,15 +387,17 @@ def diff_versions(store: Store, ref_a: str, ref_b: str) -> list[FieldDiff]:
                 continue
             text = ""
             if field in LONG_TEXT_FIELDS:
-                text = "".join(
+                # Lines without their ends, joined after: a last line with no newline would otherwise run
+                # into the next line of the diff ("-old text+new text").
+                text = "\n".join(
                     difflib.unified_diff(
-                        (old or "").splitlines(keepends=True),
-                        (new or "").splitlines(keepends=True),
+                        (old or "").splitlines(),
+                        (new or "").splitlines(),
                         fromfile=f"{name_a} {field}",
                         tofile=f"{name_b} {field}",
-                        lineterm="\n",
+                        lineterm="",
                     )
-                )
+                ) + "\n"
             diffs.append(FieldDiff(field, old, new, text))
         return diffs
 

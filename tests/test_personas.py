@@ -144,6 +144,8 @@ def test_diff_lists_changed_fields_with_a_text_diff(store) -> None:
     assert diffs["max_tokens"].old == 256 and diffs["max_tokens"].new == 64 and diffs["max_tokens"].diff == ""
     text = diffs["system_prompt"].diff
     assert "--- sales@1 system_prompt" in text and "+++ sales@2 system_prompt" in text and "+Be brief." in text
+    # The old prompt's last line has no newline: its "-" line must still end before the "+" lines start.
+    assert "\n+You sell software.\n" in text and all(line[:1] in "-+@ " for line in text.splitlines()), text
     assert diff_versions(store, "sales@2", "sales@2") == []
 
 
@@ -276,3 +278,28 @@ def test_cli_import_export_versions_diff_promote(run, tmp_path: Path) -> None:
     bad.write_text('{"spec": "chara_card_v2", "data": {}}')
     proc = run("persona", "import", str(bad), ok=False)
     assert proc.returncode == 1 and "data.name" in proc.stderr
+
+
+def test_cli_clone_and_edit(run, tmp_path: Path) -> None:
+    run("db", "upgrade")
+    assert "Created desk@1 (Clinic receptionist (copy))." in run("persona", "clone", "receptionist@1", "desk").stdout
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("You are Sam at the front desk. Answer in one sentence.", encoding="utf-8")
+    out = run("persona", "edit", "desk", "--system-prompt-file", str(prompt), "--temperature", "0.3",
+              "--stop", "Caller:", "--note", "one sentence").stdout  # fmt: skip
+    assert "Saved desk@2." in out
+    diff = run("persona", "diff", "desk@1", "desk@2").stdout
+    assert "+You are Sam at the front desk." in diff and "temperature: 0.5 -> 0.3" in diff, diff
+    assert "one sentence" in run("persona", "versions", "desk").stdout
+
+    for args, message in [
+        (("persona", "edit", "desk"), "Nothing to change"),
+        (("persona", "edit", "desk", "--system-prompt", "a", "--system-prompt-file", str(prompt)), "not both"),
+        (("persona", "edit", "desk", "--temperature", "9"), "temperature"),
+        (("persona", "edit", "nobody", "--temperature", "0.2"), "nobody"),
+        (("persona", "clone", "receptionist", "desk"), "desk"),
+        (("persona", "clone", "pirate", "p2"), "pirate"),
+    ]:
+        proc = run(*args, ok=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert "3" not in [line.split()[0] for line in run("persona", "versions", "desk").stdout.splitlines()[2:]]
