@@ -389,15 +389,18 @@ def diff_versions(store: Store, ref_a: str, ref_b: str) -> list[FieldDiff]:
             if field in LONG_TEXT_FIELDS:
                 # Lines without their ends, joined after: a last line with no newline would otherwise run
                 # into the next line of the diff ("-old text+new text").
-                text = "\n".join(
-                    difflib.unified_diff(
-                        (old or "").splitlines(),
-                        (new or "").splitlines(),
-                        fromfile=f"{name_a} {field}",
-                        tofile=f"{name_b} {field}",
-                        lineterm="",
+                text = (
+                    "\n".join(
+                        difflib.unified_diff(
+                            (old or "").splitlines(),
+                            (new or "").splitlines(),
+                            fromfile=f"{name_a} {field}",
+                            tofile=f"{name_b} {field}",
+                            lineterm="",
+                        )
                     )
-                ) + "\n"
+                    + "\n"
+                )
             diffs.append(FieldDiff(field, old, new, text))
         return diffs
 
