@@ -12,6 +12,7 @@ import streamlit as st
 
 from callbot_core.auth import UserInfo
 from callbot_core.conversation import ConversationService
+from callbot_core.errors import CallbotError
 from callbot_core.settings import Settings, get_settings
 from callbot_core.store import Store, open_store
 
@@ -35,6 +36,16 @@ def store() -> Store:
 
 def service() -> ConversationService:
     return _engine()[2]
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def backend_models(backend: str) -> tuple[list[str], str | None]:
+    """A backend's models, or the reason it has none to offer (down, misconfigured); cached for 30 s so a
+    rerun does not ask a remote server again."""
+    try:
+        return service().backend(backend).list_models(), None
+    except CallbotError as exc:
+        return [], str(exc)
 
 
 def client_addr() -> str | None:

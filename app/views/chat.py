@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.common import current_user, metric_chips, no_remote_images, no_remote_images_stream, require, service, store
+from app.common import (
+    backend_models,
+    current_user,
+    metric_chips,
+    no_remote_images,
+    no_remote_images_stream,
+    require,
+    service,
+    store,
+)
 from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.llm import available_backends
 from callbot_core.personas import persona_catalog
@@ -19,15 +28,6 @@ require(user.can_chat, "chat")
 svc = service()
 
 st.title("Chat")
-
-
-@st.cache_data(ttl=30, show_spinner=False)
-def _models(backend: str) -> tuple[list[str], str | None]:
-    """A backend's models, or the reason it has none to offer (down, misconfigured)."""
-    try:
-        return svc.backend(backend).list_models(), None
-    except CallbotError as exc:
-        return [], str(exc)
 
 
 catalog = persona_catalog(store())
@@ -48,7 +48,7 @@ with st.container(border=True):
     backend = c3.selectbox(
         "Backend", backends, index=backends.index(configured) if configured in backends else 0, key="chat_backend"
     )
-    models, model_error = _models(backend)
+    models, model_error = backend_models(backend)
     model = c4.selectbox("Model", models, key=f"chat_model_{backend}", disabled=not models)
     if model_error:
         st.error(no_remote_images(model_error))

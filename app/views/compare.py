@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.common import current_user, metric_chips, no_remote_images, require, service, store
+from app.common import backend_models, current_user, metric_chips, no_remote_images, require, service, store
 from callbot_core.comparisons import (
     MAX_VARIANTS,
     MIN_VARIANTS,
@@ -28,15 +28,6 @@ require(user.can_chat, "compare personas")
 svc = service()
 
 st.title("Compare")
-
-
-@st.cache_data(ttl=30, show_spinner=False)
-def _models(backend: str) -> tuple[list[str], str | None]:
-    """A backend's models, or the reason it has none to offer (down, misconfigured)."""
-    try:
-        return svc.backend(backend).list_models(), None
-    except CallbotError as exc:
-        return [], str(exc)
 
 
 def _setup() -> None:
@@ -87,7 +78,7 @@ def _setup() -> None:
             index=backends.index(configured) if configured in backends else 0,
             key="compare_backend",
         )
-        models, model_error = _models(backend)
+        models, model_error = backend_models(backend)
         model = c2.selectbox("Model", models, key=f"compare_model_{backend}", disabled=not models)
         title = c3.text_input("Title (optional)", key="compare_title", max_chars=200)
         if model_error:

@@ -259,19 +259,7 @@ def _run_cell(
                 if turn_result.ttft_ms is not None and turn_result.error is None:
                     result.ttft_ms.append(turn_result.ttft_ms)
                 outcomes = [(a, evaluate(a, turn.say, turn_result, context)) for a in turn.expect]
-                with service.store.session() as session:
-                    session.add_all(
-                        EvalResult(
-                            eval_run_id=run_id,
-                            turn_index=index,
-                            kind=a.kind,
-                            spec=a.spec,
-                            passed=o.passed,
-                            score=o.score,
-                            detail=o.detail[:4000],
-                        )
-                        for a, o in outcomes
-                    )
+                _store_outcomes(service, run_id, index, outcomes)
                 result.outcomes += [(index, a.kind, o) for a, o in outcomes]
                 if turn_result.error is not None:
                     # Later turns would run on a conversation missing a reply: measuring them would mislead.
