@@ -86,9 +86,11 @@ def eval_run(
 def eval_list(limit: int) -> None:
     """Recent suite runs, one line per batch."""
     from .cli import _store, _table
+    from .runs import reap_stale
     from .store.models import EvalRun
 
     store = _store()
+    reap_stale(store)  # cells of a killed `callbot eval run` show as errors, not as running for ever
     with store.session() as session:
         # CASE sums count statuses the same way on SQLite and PostgreSQL.
         query = (

@@ -23,7 +23,7 @@ from croniter import croniter
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from . import reports, sysmetrics
+from . import reports, runs, sysmetrics
 from .errors import CallbotError, InvalidInput
 from .settings import PROJECT_ROOT, Settings
 from .store import Store
@@ -225,7 +225,7 @@ def _claim(store: Store, job: str, due_at: datetime) -> int | None:
         return None
     try:
         with store.session() as session:
-            row = PipelineRun(job=job, due_at=due_at, started_at=utcnow(), status="running")
+            row = PipelineRun(job=job, due_at=due_at, started_at=utcnow(), status="running", worker=runs.worker_id())
             session.add(row)
             session.flush()
             return row.id
@@ -282,6 +282,7 @@ def run_due(
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     jobs = list(schedules) if schedules is not None else load_schedules()
+    runs.reap_stale(store)  # the clock's time, not `now`: a run's process is dead or alive now
     done: list[PipelineRunInfo] = []
     for job in jobs:
         due_at = job.last_due(now)
@@ -297,6 +298,7 @@ def job_statuses(
     """Each scheduled job with its next fire time and its latest run (if any)."""
     now = now or utcnow()
     jobs = list(schedules) if schedules is not None else load_schedules()
+    runs.reap_stale(store)
     with store.session() as session:
         latest = select(PipelineRun.job, func.max(PipelineRun.id).label("id")).group_by(PipelineRun.job).subquery()
         rows = session.scalars(select(PipelineRun).join(latest, PipelineRun.id == latest.c.id))

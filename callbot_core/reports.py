@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import audit
+from . import audit, runs
 from .errors import ConfigError, InvalidInput, NotFound
 from .settings import PROJECT_ROOT, Settings, get_settings
 from .store import Store
@@ -336,7 +336,9 @@ def run_report(
 
     shown = _redacted(values)
     with store.session() as session:
-        row = ReportRun(name=name, parameters=shown, requested_by=requested_by, status="running")
+        row = ReportRun(
+            name=name, parameters=shown, requested_by=requested_by, status="running", worker=runs.worker_id()
+        )
         session.add(row)
         session.flush()
         run_id = row.id
@@ -386,7 +388,8 @@ def run_report(
 
 
 def list_runs(store: Store, limit: int = 100) -> list[ReportRunInfo]:
-    """The newest report runs first."""
+    """The newest report runs first; runs whose process died are ended first, so none waits for ever."""
+    runs.reap_stale(store)
     with store.session() as session:
         rows = session.scalars(select(ReportRun).order_by(ReportRun.id.desc()).limit(limit))
         return [_info(r) for r in rows]

@@ -22,6 +22,7 @@ from ..conversation import ConversationService
 from ..errors import CallbotError, InvalidInput
 from ..llm import GenerationParams
 from ..personas import get_persona_version
+from ..runs import worker_id
 from ..store.models import Conversation, EvalResult, EvalRun, utcnow
 from .assertions import AssertionContext, Outcome, evaluate
 from .suite import Suite
@@ -229,6 +230,7 @@ def _run_cell(
             repeat_index=cell.repeat_index,
             created_by=created_by,
             status="running",
+            worker=worker_id(),
         )
         session.add(run)
         session.flush()

@@ -248,6 +248,8 @@ class ReportRun(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     status: Mapped[str] = mapped_column(String(20), default="queued")
+    # "host:pid" of the process running it, so a run whose process died can be told from one still going.
+    worker: Mapped[str | None] = mapped_column(String(160))
     output_html: Mapped[str | None] = mapped_column(Text)
     output_notebook: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
@@ -269,6 +271,8 @@ class PipelineRun(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     status: Mapped[str] = mapped_column(String(20), default="running")
+    # "host:pid" of the process running it, so a run whose process died can be told from one still going.
+    worker: Mapped[str | None] = mapped_column(String(160))
     report_run_id: Mapped[int | None] = mapped_column(ForeignKey("report_runs.id", ondelete="SET NULL"))
     error: Mapped[str | None] = mapped_column(Text)
 
@@ -351,6 +355,8 @@ class EvalRun(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     status: Mapped[str] = mapped_column(String(20), default="running")
+    # "host:pid" of the process running it, so a run whose process died can be told from one still going.
+    worker: Mapped[str | None] = mapped_column(String(160))
     error: Mapped[str | None] = mapped_column(Text)
 
 
