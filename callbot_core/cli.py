@@ -339,15 +339,32 @@ def _print_summaries(summaries: object) -> None:
 @click.option("--model", default=None, help="Model name on that backend.")
 @click.option("--message", "-m", default=None, help="Send one message, print the reply and exit.")
 @click.option("--end", "end_after", is_flag=True, help="With --message: end the conversation and summarise.")
-def chat(persona: str, backend: str | None, model: str | None, message: str | None, end_after: bool) -> None:
+@click.option(
+    "--var", "variables", multiple=True, metavar="NAME=VALUE",
+    help="A prompt variable, e.g. --var caller_name=Ann (repeatable); stored with the conversation.",
+)  # fmt: skip
+def chat(
+    persona: str,
+    backend: str | None,
+    model: str | None,
+    message: str | None,
+    end_after: bool,
+    variables: tuple[str, ...],
+) -> None:
     """Chat with a persona: an interactive streaming REPL, or one turn with --message.
 
     In the REPL, /end ends the conversation and prints its summaries; /quit leaves it open.
     """
     from .conversation import ConversationService
 
+    given: dict[str, str] = {}
+    for raw in variables:
+        name, sep, value = raw.partition("=")
+        if not sep:
+            raise InvalidInput(f"--var {raw!r} is not NAME=VALUE, e.g. --var caller_name=Ann")
+        given[name.strip()] = value
     service = ConversationService(store=_store())
-    info = service.start(persona, backend=backend, model=model, channel="text")
+    info = service.start(persona, backend=backend, model=model, channel="text", variables=given)
     click.secho(
         f"Conversation {info.id} with {info.persona_key}@{info.persona_version} on {info.backend} ({info.model})",
         dim=True,

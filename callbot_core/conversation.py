@@ -24,7 +24,7 @@ from .settings import Settings, get_settings
 from .store import Store, open_store
 from .store.models import CHANNELS, Conversation, Message, PersonaVersion, TurnMetrics, utcnow
 from .summaries import summarise_transcript
-from .validation import clean_message
+from .validation import clean_message, clean_variables
 
 BackendResolver = Callable[[str | None], LLMBackend]
 
@@ -156,7 +156,6 @@ class ConversationService:
         self.settings = settings or get_settings()
         self.store = store or open_store(self.settings)
         self._backends = backends or (lambda name: get_backend(name, self.settings))
-        self._variables: dict[int, dict[str, str]] = {}
 
     def backend(self, name: str | None = None) -> LLMBackend:
         return self._backends(name)
@@ -179,6 +178,7 @@ class ConversationService:
         """
         if channel not in CHANNELS:
             raise InvalidInput(f"Channel {channel!r} is not valid; channels: {', '.join(CHANNELS)}")
+        given = clean_variables(variables)
         with self.store.session() as session:
             version = get_persona_version(session, persona)
             llm = self.backend(backend or version.backend)
@@ -190,12 +190,10 @@ class ConversationService:
                 model=chosen_model,
                 channel=channel,
                 status="active",
+                variables={**default_variables(version.persona.name), **given},
             )
             session.add(conversation)
             session.flush()
-            if variables:
-                # Kept in memory only: they shape prompts, and the transcript records the replies themselves.
-                self._variables[conversation.id] = dict(variables)
             if version.greeting:
                 session.add(
                     Message(
@@ -238,7 +236,8 @@ class ConversationService:
                 stop=tuple(version.stop_words or ()),
             )
             history = _load_history(session, conversation_id)
-            variables = {**default_variables(version.persona.name), **self._variables.get(conversation_id, {})}
+            # Conversations from before variables were stored (NULL) get today's defaults, as they always did.
+            variables = {**default_variables(version.persona.name), **(conversation.variables or {})}
             system_prompt = render_system_prompt(version.system_prompt, variables)
         user_tokens = llm.count_tokens(user_text, conversation.model)
         history = [

@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
+
+from callbot_core.store import Store
+from callbot_core.store.models import Conversation
 
 CALLBOT = str(Path(sys.executable).with_name("callbot"))
 
@@ -47,8 +51,11 @@ def test_the_done_when_path(run, tmp_path: Path) -> None:
     secret = (tmp_path / "runtime" / "secret_key").read_text()
     run("db", "upgrade")
     assert (tmp_path / "runtime" / "secret_key").read_text() == secret  # generated once, kept across runs
-    out = run("chat", "--persona", "receptionist", "--message", "What are your opening hours?").stdout
+    out = run("chat", "--persona", "receptionist", "--message", "What are your opening hours?",
+              "--var", "caller_name=Ann Lee").stdout  # fmt: skip
     assert "receptionist@1" in out and "bot> " in out
+    with Store(f"sqlite:///{tmp_path / 'cli.db'}").session() as s:
+        assert s.scalar(select(Conversation.variables))["caller_name"] == "Ann Lee"
     reply = out.split("bot> ", 1)[1].split("[TTFT", 1)[0].strip()
     assert len(reply) > 5
     assert re.search(r"\[TTFT \d[\d,]* ms · \d+ tok/s · \d+ tokens", out)
@@ -117,6 +124,11 @@ def test_errors_are_one_clear_line(run) -> None:
     assert missing.returncode == 1 and "Unknown conversation id 42" in missing.stderr
     down = run("chat", "--backend", "ollama", "--model", "x", "--message", "hi", ok=False)
     assert down.returncode == 1 and "is not reachable" in down.stderr
+    listed = run("conversations", "list").stdout
+    for var, message in [("caller_name", "is not NAME=VALUE"), ("caller name=Ann", "'caller name' is not valid")]:
+        bad = run("chat", "--message", "hi", "--var", var, ok=False)
+        assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert run("conversations", "list").stdout == listed  # refused before anything was stored
 
 
 def test_production_without_a_secret_refuses_to_start(run, tmp_path: Path) -> None:

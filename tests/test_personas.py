@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from callbot_core.persona_versions import (
     set_production,
 )
 from callbot_core.personas import get_persona_version, persona_catalog
-from callbot_core.store.models import Persona, PersonaVersion
+from callbot_core.store.models import Conversation, Persona, PersonaVersion
 from tests.fake_ollama import FakeOllama
 from tests.test_cli import run  # noqa: F401  (the subprocess fixture, shared)
 
@@ -175,6 +176,36 @@ def test_variables_render_in_the_prompt_sent(store, settings) -> None:
         turn = service.send(default.id, "hi")
         assert turn._plan.messages[0].content.startswith("Speak to the caller on")
         turn.text()
+        # The variables are stored with the conversation: another process (a restart, another replica) renders
+        # the same prompt, {{today}} included, which stays the day the conversation started.
+        with store.session() as s:
+            row = s.get(Conversation, named.id)
+            assert row.variables == {"caller_name": "Ann", "today": today, "persona_name": "General assistant"}
+            row.variables = {**row.variables, "today": "2026-01-02"}  # as if it had started on that day
+        again = _service(store, settings, fake.url).send(named.id, "hello again")
+        assert again._plan.messages[0].content == "Speak to Ann on 2026-01-02 as General assistant. {{mood}}"
+        again.text()
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ("Ann", "must be a mapping of names to text, not str"),
+        ({"caller name": "Ann"}, "name 'caller name' is not valid"),
+        ({"caller_name": 7}, "'caller_name' must be text, not int"),
+        ({"caller_name": "A" * 501}, "'caller_name' is too long: 501 characters, the limit is 500"),
+        ({f"v{i}": "x" for i in range(31)}, "Too many prompt variables: 31"),
+    ],
+)
+def test_bad_variables_are_refused_and_nothing_is_stored(store, settings, variables, message) -> None:
+    with FakeOllama() as fake:
+        service = _service(store, settings, fake.url)
+        with store.session() as s:
+            before = s.scalar(select(func.count()).select_from(Conversation))
+        with pytest.raises(InvalidInput, match=re.escape(message)):
+            service.start("assistant", variables=variables)
+        with store.session() as s:
+            assert s.scalar(select(func.count()).select_from(Conversation)) == before
 
 
 FULL_CARD = {

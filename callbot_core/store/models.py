@@ -150,6 +150,9 @@ class Conversation(Base):
     status: Mapped[str] = mapped_column(String(20), default="active")
     summary_short: Mapped[str | None] = mapped_column(Text)
     summary_full: Mapped[str | None] = mapped_column(Text)
+    # The prompt variables as resolved at start ({{today}} included): every turn renders the system prompt
+    # with these, so a conversation keeps its prompt across restarts, processes and midnight.
+    variables: Mapped[dict | None] = mapped_column(JSON)
 
     persona_version: Mapped[PersonaVersion] = relationship()
     user: Mapped[User | None] = relationship()
