@@ -41,7 +41,9 @@ def test_llm_overhead_compares_like_with_like() -> None:
     assert r["decode_ratio"] == pytest.approx(r["service_decode_tps"] / r["raw_decode_tps"], rel=1e-2)
     assert "ttft_overhead_ms" in r and r["peak_rss_mb"] > 50
     # What the reset costs is reported as the difference of the two raw paths (timings are not asserted).
-    assert r["cached_ttft_ms"] > 0 and r["seed_reset_ttft_ms"] == pytest.approx(r["raw_ttft_ms"] - r["cached_ttft_ms"])
+    # Printed to 3 decimals, so the difference of the printed values may be off by 0.001.
+    reset_cost = r["raw_ttft_ms"] - r["cached_ttft_ms"]
+    assert r["cached_ttft_ms"] > 0 and r["seed_reset_ttft_ms"] == pytest.approx(reset_cost, abs=0.01)
 
 
 def test_app_load_times_both_pages() -> None:
