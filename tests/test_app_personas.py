@@ -21,12 +21,14 @@ def test_edit_saves_a_new_version_and_the_old_one_stays(app_store: Store) -> Non
     at.text_area(key="pe_prompt").input("You are a strict French tutor. Correct every mistake.")
     at.number_input(key="pe_temp").set_value(0.3)
     at.text_input(key="pe_note").input("stricter")
+    at.text_input(key="pe_name").input("Strict French tutor")
     button(at, "Save as a new version").click()
     at.run()
     assert not at.exception, at.exception
     new = max(before) + 1
     assert f"Saved tutor@{new}." in [s.value for s in at.success]
     assert get_version(app_store, f"tutor@{new}").temperature == 0.3
+    assert get_version(app_store, f"tutor@{new}").name == "Strict French tutor"
     assert get_version(app_store, f"tutor@{max(before)}").system_prompt.startswith("You are a patient")
     assert at.selectbox(key="personas_version_tutor").value == new  # the page shows the version just saved
 

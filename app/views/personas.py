@@ -141,6 +141,9 @@ with edit_tab:
     else:
         st.caption(f"Saving makes version {summary.latest + 1}; {current.ref} stays as it is and remains usable.")
         with st.form(f"personas_edit_{key}"):
+            n1, n2 = st.columns([1, 2])
+            name = n1.text_input("Name", summary.name, key="pe_name")
+            description = n2.text_input("Description", summary.description, key="pe_description")
             system_prompt = st.text_area("System prompt", current.system_prompt, height=180, key="pe_prompt")
             greeting = st.text_input("Greeting", current.greeting, key="pe_greeting")
             c1, c2, c3 = st.columns(3)
@@ -161,6 +164,9 @@ with edit_tab:
                     store(),
                     key,
                     {
+                        # Name and description belong to the persona, not to a version: they change for all.
+                        "name": name,
+                        "description": description,
                         "system_prompt": system_prompt,
                         "greeting": greeting,
                         "temperature": temperature,
