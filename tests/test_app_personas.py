@@ -18,10 +18,11 @@ def test_edit_saves_a_new_version_and_the_old_one_stays(app_store: Store) -> Non
     at = _personas()
     at.selectbox(key="personas_key").select("tutor").run()
     before = [v.version for v in list_versions(app_store, "tutor")]
-    at.text_area(key="pe_prompt").input("You are a strict French tutor. Correct every mistake.")
-    at.number_input(key="pe_temp").set_value(0.3)
-    at.text_input(key="pe_note").input("stricter")
-    at.text_input(key="pe_name").input("Strict French tutor")
+    ref = f"tutor@{max(before)}"
+    at.text_area(key=f"pe_prompt_{ref}").input("You are a strict French tutor. Correct every mistake.")
+    at.number_input(key=f"pe_temp_{ref}").set_value(0.3)
+    at.text_input(key=f"pe_note_{ref}").input("stricter")
+    at.text_input(key=f"pe_name_{ref}").input("Strict French tutor")
     button(at, "Save as a new version").click()
     at.run()
     assert not at.exception, at.exception
@@ -100,3 +101,19 @@ def test_viewers_do_not_run_suites(app_store: Store) -> None:
     at = _personas("vera", PW)
     assert "Run suite" not in [b.label for b in at.button]
     assert any("Viewers read suite results" in i.value for i in at.info)
+
+
+def test_the_edit_form_shows_the_selected_version(app_store: Store) -> None:
+    """Switching persona or version refills the form: saving must never copy another version's fields."""
+    from callbot_core.persona_versions import save_version
+
+    new = save_version(app_store, "tutor", {"system_prompt": "Tutor, the newest version."})
+    old = f"tutor@{new.version - 1}"
+    at = _personas()
+    at.selectbox(key="personas_key").select("sales").run()
+    assert at.text_area(key="pe_prompt_sales@1").value == get_version(app_store, "sales@1").system_prompt
+    at.selectbox(key="personas_key").select("tutor").run()
+    assert at.text_area(key=f"pe_prompt_{new.ref}").value == "Tutor, the newest version."
+    assert at.text_input(key=f"pe_name_{new.ref}").value == new.name
+    at.selectbox(key="personas_version_tutor").select(new.version - 1).run()
+    assert at.text_area(key=f"pe_prompt_{old}").value == get_version(app_store, old).system_prompt

@@ -140,23 +140,29 @@ with edit_tab:
         st.info("Viewers read personas; researchers and admins edit them.")
     else:
         st.caption(f"Saving makes version {summary.latest + 1}; {current.ref} stays as it is and remains usable.")
-        with st.form(f"personas_edit_{key}"):
+
+        def _pe(field: str) -> str:
+            return f"pe_{field}_{current.ref}"
+
+        # Keys carry the version: Streamlit keeps a keyed widget's state when its default changes, so a shared
+        # key would keep showing (and save) the fields of the version selected before.
+        with st.form(f"personas_edit_{current.ref}"):
             n1, n2 = st.columns([1, 2])
-            name = n1.text_input("Name", summary.name, key="pe_name")
-            description = n2.text_input("Description", summary.description, key="pe_description")
-            system_prompt = st.text_area("System prompt", current.system_prompt, height=180, key="pe_prompt")
-            greeting = st.text_input("Greeting", current.greeting, key="pe_greeting")
+            name = n1.text_input("Name", summary.name, key=_pe("name"))
+            description = n2.text_input("Description", summary.description, key=_pe("description"))
+            system_prompt = st.text_area("System prompt", current.system_prompt, height=180, key=_pe("prompt"))
+            greeting = st.text_input("Greeting", current.greeting, key=_pe("greeting"))
             c1, c2, c3 = st.columns(3)
-            temperature = c1.number_input("Temperature", 0.0, 2.0, float(current.temperature), 0.05, key="pe_temp")
-            top_p = c2.number_input("Top p", 0.01, 1.0, float(current.top_p), 0.01, key="pe_top_p")
-            max_tokens = c3.number_input("Max tokens", 1, 4096, int(current.max_tokens), key="pe_max_tokens")
-            stop = st.text_input("Stop words (comma separated)", ", ".join(current.stop_words), key="pe_stop")
+            temperature = c1.number_input("Temperature", 0.0, 2.0, float(current.temperature), 0.05, key=_pe("temp"))
+            top_p = c2.number_input("Top p", 0.01, 1.0, float(current.top_p), 0.01, key=_pe("top_p"))
+            max_tokens = c3.number_input("Max tokens", 1, 4096, int(current.max_tokens), key=_pe("max_tokens"))
+            stop = st.text_input("Stop words (comma separated)", ", ".join(current.stop_words), key=_pe("stop"))
             c4, c5, c6 = st.columns(3)
-            backend = c4.text_input("Backend (empty: configured)", current.backend or "", key="pe_backend")
-            model = c5.text_input("Model (empty: backend default)", current.model or "", key="pe_model")
-            voice = c6.text_input("Voice", current.voice or "", key="pe_voice")
-            tag_text = st.text_input("Tags (comma separated)", ", ".join(current.tags), key="pe_tags")
-            note = st.text_input("What changed", key="pe_note")
+            backend = c4.text_input("Backend (empty: configured)", current.backend or "", key=_pe("backend"))
+            model = c5.text_input("Model (empty: backend default)", current.model or "", key=_pe("model"))
+            voice = c6.text_input("Voice", current.voice or "", key=_pe("voice"))
+            tag_text = st.text_input("Tags (comma separated)", ", ".join(current.tags), key=_pe("tags"))
+            note = st.text_input("What changed", key=_pe("note"))
             if st.form_submit_button("Save as a new version"):
                 _act(
                     "Saved {result.ref}.",
