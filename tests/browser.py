@@ -31,6 +31,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 ADMIN_USERNAME = "admin"
+AUTH_COOKIE = "callbot_auth"  # app/streamlit_app.py COOKIE_NAME
 ADMIN_PASSWORD = "browser-test-pass-1"
 HEALTH_TIMEOUT_S = 60.0
 
@@ -185,6 +186,18 @@ def sign_in(page: Page, base_url: str, username: str = ADMIN_USERNAME, password:
     form.get_by_role("textbox", name="Password", exact=True).fill(password)
     form.get_by_role("button", name="Login").click()
     wait_signed_in(page)
+    wait_for_auth_cookie(page)
+
+
+def wait_for_auth_cookie(page: Page, timeout_s: float = 15.0) -> None:
+    """The signed-in page can show before its cookie component has written the sign-in cookie; a page opened
+    by URL before that (page.goto) would meet the sign-in form again. Wait for the cookie."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(c["name"] == AUTH_COOKIE for c in page.context.cookies()):
+            return
+        time.sleep(0.1)  # polling the browser's cookie jar, not waiting for time to pass
+    raise AssertionError(f"the sign-in cookie {AUTH_COOKIE!r} was not set within {timeout_s:.0f} s")
 
 
 def wait_signed_in(page: Page, timeout_ms: float = 30_000) -> None:
