@@ -69,6 +69,15 @@ ANSWERS = [
     "Of course. Is there anything else I can help you with today?",
 ]
 
+# Conversation summaries for seeded stores.
+SUMMARIES = [
+    "The caller asked about opening hours and booked an appointment.",
+    "The customer reported a late order; the agent tracked the parcel and promised an update.",
+    "The prospect asked about pricing and agreed to a follow-up call.",
+    "The learner practised tenses and asked for more examples.",
+    "The user asked general questions and was satisfied with the answers.",
+]
+
 
 def fresh_postgres_database(url: str, database: str):  # type: ignore[no-untyped-def]
     """A Store on an emptied database of its own on `url`'s server: a bench never touches test data."""

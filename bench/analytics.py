@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
-from bench._common import ANSWERS, QUESTIONS, emit, fresh_postgres_database, peak_rss_mb  # noqa: E402
+from bench._common import ANSWERS, QUESTIONS, SUMMARIES, emit, fresh_postgres_database, peak_rss_mb  # noqa: E402
 from callbot_core.analytics import Analytics, DashboardFilters, dashboard_data  # noqa: E402
 from callbot_core.analytics.dashboard import DASHBOARD_COLUMNS, DASHBOARD_QUERIES  # noqa: E402
 from callbot_core.analytics.engine import libpq_conninfo, scanner_extension_path  # noqa: E402
@@ -60,13 +60,6 @@ MESSAGES_PER_CONVERSATION = 10
 FAILING_SHARE = 0.05
 USERS = 20
 
-SUMMARIES = [
-    "The caller asked about opening hours and booked an appointment.",
-    "The customer reported a late order; the agent tracked the parcel and promised an update.",
-    "The prospect asked about pricing and agreed to a follow-up call.",
-    "The learner practised tenses and asked for more examples.",
-    "The user asked general questions and was satisfied with the answers.",
-]
 # backend -> (share, models, ttft lognormal mu, tokens/s range)
 BACKENDS = {
     "embedded": (0.6, ["SmolLM2-135M-Instruct.Q4_1"], 5.5, (50, 170)),

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select  # noqa: E402
 
-from bench._common import ANSWERS, QUESTIONS, emit, median, peak_rss_mb  # noqa: E402
+from bench._common import ANSWERS, QUESTIONS, SUMMARIES, emit, median, peak_rss_mb  # noqa: E402
 from callbot_core.auth import ensure_admin  # noqa: E402
 from callbot_core.store import Store  # noqa: E402
 from callbot_core.store.models import Conversation, Message, Persona, PersonaVersion, TurnMetrics, User  # noqa: E402
@@ -57,15 +57,6 @@ DAYS = 60
 CHUNK = 20_000  # rows per executemany: bounded memory, still one statement per thousands of rows
 READY_TIMEOUT_MS = 30_000
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
-COOKIE_NAME = "callbot_auth"  # app/streamlit_app.py COOKIE_NAME
-
-SUMMARIES = [
-    "The caller asked about opening hours and booked an appointment.",
-    "The customer reported a late order; the agent tracked the parcel and promised an update.",
-    "The prospect asked about pricing and agreed to a follow-up call.",
-    "The learner practised tenses and asked for more examples.",
-    "The user asked general questions and was satisfied with the answers.",
-]
 
 
 def _persona_versions(store: Store) -> list[int]:
@@ -194,16 +185,6 @@ def seed(store: Store, conversations: int, *, rng_seed: int = 1234) -> dict[str,
     return counts
 
 
-def _wait_for_sign_in_cookie(context: Any) -> None:
-    """The app writes its sign-in cookie through a browser component, just after the sign-in run."""
-    deadline = time.monotonic() + READY_TIMEOUT_MS / 1000
-    while time.monotonic() < deadline:
-        if any(c["name"] == COOKIE_NAME for c in context.cookies()):
-            return
-        time.sleep(0.05)
-    raise RuntimeError("the app did not set its sign-in cookie after signing in")
-
-
 def _timed(page: Page, name: str, action: Callable[[], None], ready: Callable[[], None]) -> float:
     start = time.perf_counter()
     action()
@@ -286,7 +267,6 @@ def measure(base_url: str, runs: int) -> tuple[dict[str, list[float]], int]:
 
         # A real sign-in first: it exercises the form and warms the app (page scripts, the model list).
         sign_in(page, base_url, ADMIN_USERNAME, ADMIN_PASSWORD)
-        _wait_for_sign_in_cookie(context)
         warm_chat = chat_goto()
         _check_signed_in(page, "/chat")
         warm_conv = conv_goto()

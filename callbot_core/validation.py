@@ -11,12 +11,17 @@ from .errors import InvalidInput
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
+def _normalise(text: str) -> str:
+    """One newline convention, NFC, no control characters, no surrounding blanks."""
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    return _CONTROL.sub("", text).strip()
+
+
 def clean_message(text: object, *, max_chars: int) -> str:
     """The user's message, normalised; raises `InvalidInput` naming what was wrong."""
     if not isinstance(text, str):
         raise InvalidInput(f"A message must be text, not {type(text).__name__}")
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = _CONTROL.sub("", text).strip()
+    text = _normalise(text)
     if not text:
         raise InvalidInput("The message is empty: type something to say to the bot")
     if len(text) > max_chars:
@@ -45,7 +50,7 @@ def clean_variables(variables: object) -> dict[str, str]:
             raise InvalidInput(f"Prompt variable name {name!r} is not valid: use letters, digits and _ (caller_name)")
         if not isinstance(value, str):
             raise InvalidInput(f"Prompt variable {name!r} must be text, not {type(value).__name__}")
-        value = _CONTROL.sub("", unicodedata.normalize("NFC", value)).strip()
+        value = _normalise(value)
         if len(value) > MAX_VARIABLE_CHARS:
             raise InvalidInput(
                 f"Prompt variable {name!r} is too long: {len(value):,} characters, the limit is {MAX_VARIABLE_CHARS}"
