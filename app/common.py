@@ -10,8 +10,8 @@ from collections.abc import Iterable, Iterator
 
 import streamlit as st
 
-from callbot_core.auth import UserInfo
-from callbot_core.conversation import ConversationService
+from callbot_core.access.signin import UserInfo
+from callbot_core.conversations.service import ConversationService
 from callbot_core.errors import CallbotError
 from callbot_core.settings import Settings, get_settings
 from callbot_core.store import Store, open_store

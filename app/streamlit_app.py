@@ -20,7 +20,7 @@ from streamlit_authenticator.utilities import LoginError  # noqa: E402
 
 from app.common import USER_KEY, client_addr, settings, store  # noqa: E402
 from callbot_core import audit  # noqa: E402
-from callbot_core.auth import AccountLocked, UserInfo, active_usernames, authenticate  # noqa: E402
+from callbot_core.access.signin import AccountLocked, UserInfo, active_usernames, authenticate  # noqa: E402
 
 VIEWS = Path(__file__).parent / "views"
 COOKIE_NAME = "callbot_auth"

@@ -577,8 +577,8 @@ def measure_direct(store: Store, queries: dict[str, str], runs: int) -> dict[str
 def measure_changes(store: Store, snapshot: Path) -> dict[str, float]:
     """What a refresh costs after what the app does (run last: it changes the store): a turn stored, a
     conversation ended and summarised, a new conversation, a conversation deleted. Median of 3 each."""
+    from callbot_core.conversations.transcripts import delete_conversation
     from callbot_core.store.models import Conversation, Message, TurnMetrics
-    from callbot_core.transcripts import delete_conversation
 
     an = Analytics(store, snapshot)
     an.refresh()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import func, select  # noqa: E402
 
 from bench._common import ANSWERS, QUESTIONS, SUMMARIES, emit, median, peak_rss_mb  # noqa: E402
-from callbot_core.auth import ensure_admin  # noqa: E402
+from callbot_core.access.signin import ensure_admin  # noqa: E402
 from callbot_core.store import Store  # noqa: E402
 from callbot_core.store.models import Conversation, Message, Persona, PersonaVersion, TurnMetrics, User  # noqa: E402
 from tests.browser import (  # noqa: E402

@@ -25,14 +25,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import QUESTIONS, emit, peak_rss_mb  # noqa: E402
-from callbot_core.conversation import ConversationService  # noqa: E402
-from callbot_core.embeddings import default_embedder  # noqa: E402
-from callbot_core.evals import AssertionContext, parse_suite, run_suite  # noqa: E402
-from callbot_core.llm import get_backend  # noqa: E402
-from callbot_core.persona_versions import save_version  # noqa: E402
-from callbot_core.personas import seed_default_personas  # noqa: E402
+from callbot_core.backends.embeddings import default_embedder  # noqa: E402
+from callbot_core.backends.llm import get_backend  # noqa: E402
+from callbot_core.conversations.service import ConversationService  # noqa: E402
+from callbot_core.experiments.evals import AssertionContext, parse_suite, run_suite  # noqa: E402
+from callbot_core.personas.versions import save_version  # noqa: E402
 from callbot_core.settings import Settings  # noqa: E402
 from callbot_core.store import Store  # noqa: E402
+from callbot_core.store.seeds import seed_default_personas  # noqa: E402
 
 
 def suite_text(cases: int) -> str:

@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import emit, median, peak_rss_mb  # noqa: E402
-from callbot_core.conversation import ConversationService  # noqa: E402
-from callbot_core.llm import GenerationParams, get_backend  # noqa: E402
-from callbot_core.llm.embedded import EmbeddedBackend  # noqa: E402
+from callbot_core.backends.llm import GenerationParams, get_backend  # noqa: E402
+from callbot_core.backends.llm.embedded import EmbeddedBackend  # noqa: E402
+from callbot_core.conversations.service import ConversationService  # noqa: E402
 from callbot_core.settings import Settings  # noqa: E402
 from callbot_core.store import Store  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="callbot-bench-"))
     settings = Settings(_env_file=None, database_url=f"sqlite:///{tmp / 'bench.db'}", runtime_dir=tmp)  # type: ignore[call-arg]
-    store = Store(settings.database_url)
+    store = Store(settings.resolved_database_url())
     store.upgrade()
     backend = get_backend("embedded", settings)
     assert isinstance(backend, EmbeddedBackend)

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import insert  # noqa: E402
 
 from bench._common import emit, fresh_postgres_database, peak_rss_mb, percentile  # noqa: E402
-from callbot_core.conversation import ConversationService  # noqa: E402
-from callbot_core.llm.base import ChatMessage, GenerationParams, Health, Token, Usage, estimate_tokens  # noqa: E402
+from callbot_core.backends.llm.base import ChatMessage, GenerationParams, Health, Token, Usage, estimate_tokens  # noqa: E402
+from callbot_core.conversations.service import ConversationService  # noqa: E402
 from callbot_core.settings import Settings  # noqa: E402
 from callbot_core.store import Store  # noqa: E402
 from callbot_core.store.models import Message, TurnMetrics, utcnow  # noqa: E402

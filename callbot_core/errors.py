@@ -42,3 +42,12 @@ class BackendTimeout(BackendError):
 
 class BackendResponseError(BackendError):
     """The backend answered, but with an error status or a body we cannot read."""
+
+
+class PermissionDenied(CallbotError):
+    """The acting user's role does not allow the action (checked in the engine, so every front end agrees)."""
+
+    def __init__(self, message: str, *, action: str, role: str) -> None:
+        super().__init__(message)
+        self.action = action
+        self.role = role

@@ -8,14 +8,26 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .errors import ConfigError
+from callbot_core.errors import ConfigError
 
-# Relative paths (the runtime folder, a relative SQLite file) are resolved against the project
-# root rather than the current directory, so `.venv/bin/callbot` finds the same store from anywhere.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+def _base_dir() -> Path:
+    """Where relative paths in the settings point.
+
+    In a source checkout, its root: `.venv/bin/callbot` finds the same store from any directory. Installed from a
+    wheel (a container image) there is no checkout, and relative paths mean the working directory, as anywhere.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "callbot_core" / "__init__.py").is_file():
+        return root
+    return Path.cwd()
+
+
+PROJECT_ROOT = _base_dir()
+DATABASE_FILE = "callbot.db"
 
 SECRET_KEY_FILE = "secret_key"
 
@@ -25,7 +37,8 @@ class Settings(BaseSettings):
 
     env: Literal["development", "production", "test"] = "development"
     runtime_dir: Path = Path("data/runtime")
-    database_url: str = "sqlite:///data/runtime/callbot.db"
+    # Default: a SQLite file inside the runtime folder, so all runtime state lives under one setting.
+    database_url: str | None = None
     secret_key: SecretStr | None = None
 
     llm_backend: str = "embedded"
@@ -35,6 +48,9 @@ class Settings(BaseSettings):
     embedded_n_ctx: int = Field(2048, ge=256)
     remote_context_window: int = Field(4096, ge=256)
     embedded_threads: int | None = None
+
+    # Sentence embeddings (suites' similar_to; retrieval): a name in the backend registry.
+    embedder: str = "minilm"
 
     ollama_url: str = "http://127.0.0.1:11434"
     openai_base_url: str = "http://127.0.0.1:8000/v1"
@@ -46,12 +62,25 @@ class Settings(BaseSettings):
 
     max_message_chars: int = Field(8000, ge=1)
 
+    # A folder of your own scenario suites, listed beside the shipped ones (a suite of the same name wins).
+    suites_dir: Path | None = None
+    # Another schedule for `callbot pipelines` than the shipped one (callbot_core/jobs/schedules.yaml).
+    schedules_file: Path | None = None
+
+    # Backend instances built from these settings (see registry.py): they live and die with this object.
+    _backends: dict[tuple[str, str], tuple[object, object]] = PrivateAttr(default_factory=dict)
+
+    def backend_cache(self) -> dict[tuple[str, str], tuple[object, object]]:
+        return self._backends
+
     def resolved_runtime_dir(self) -> Path:
-        path = self.runtime_dir if self.runtime_dir.is_absolute() else PROJECT_ROOT / self.runtime_dir
-        return path
+        """The one folder that holds runtime state: the SQLite store, the secret, reports, the analytics snapshot."""
+        return self.runtime_dir if self.runtime_dir.is_absolute() else PROJECT_ROOT / self.runtime_dir
 
     def resolved_database_url(self) -> str:
-        """The database URL with a relative SQLite path made absolute against the project root."""
+        """The database URL: the configured one with a relative SQLite path made absolute, else the runtime folder's."""
+        if self.database_url is None:
+            return f"sqlite:///{self.resolved_runtime_dir() / DATABASE_FILE}"
         url = self.database_url
         prefix = "sqlite:///"
         if url.startswith(prefix) and not url.startswith("sqlite:////"):

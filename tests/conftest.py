@@ -7,18 +7,20 @@ CALLBOT_TEST_DATABASE_URL is set. In CI (CI=true) a missing PostgreSQL is a fail
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from callbot_core.llm import get_backend
-from callbot_core.llm.embedded import EmbeddedBackend
-from callbot_core.personas import seed_default_personas
+from callbot_core.backends.llm import get_backend
+from callbot_core.backends.llm.embedded import EmbeddedBackend
 from callbot_core.settings import Settings
 from callbot_core.store import Store
 from callbot_core.store.models import Base
+from callbot_core.store.seeds import seed_default_personas
 
 PG_URL = os.environ.get("CALLBOT_TEST_DATABASE_URL")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -96,3 +98,42 @@ def embedded() -> EmbeddedBackend:
     backend = get_backend("embedded", settings)
     assert isinstance(backend, EmbeddedBackend)
     return backend
+
+
+CALLBOT = str(Path(sys.executable).with_name("callbot"))
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs the installed `callbot` in a subprocess on a SQLite store of its own in `tmp_path`.
+
+    `run.url` is that store's URL; `ok=False` lets a test look at a failure instead of asserting success.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    env.update(CALLBOT_DATABASE_URL=url, CALLBOT_RUNTIME_DIR=str(tmp_path / "runtime"))
+
+    def _run(
+        *args: str, input: str | None = None, ok: bool = True, env_extra: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [CALLBOT, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env={**env, **(env_extra or {})},
+            cwd=tmp_path,
+            timeout=120,
+        )
+        if ok:
+            assert proc.returncode == 0, proc.stderr
+        return proc
+
+    _run.url = url  # type: ignore[attr-defined]
+    return _run
+
+
+@pytest.fixture
+def cli(run: Callable[..., subprocess.CompletedProcess[str]]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """The same as `run`, under the name the analytics tests use."""
+    return run

@@ -6,10 +6,10 @@ import pandas as pd
 import streamlit as st
 
 from app.common import client_addr, current_user, require, service, store
-from callbot_core import audit
-from callbot_core.auth import create_user, list_users, reset_password, set_role, unlock
+from callbot_core.access import audit
+from callbot_core.access.signin import create_user, list_users, reset_password, set_role, unlock
+from callbot_core.backends.llm import available_backends
 from callbot_core.errors import CallbotError
-from callbot_core.llm import available_backends
 from callbot_core.store.models import ROLES, utcnow
 
 user = current_user()

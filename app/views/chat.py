@@ -14,10 +14,10 @@ from app.common import (
     service,
     store,
 )
+from callbot_core.backends.llm import available_backends
+from callbot_core.conversations.transcripts import get_conversation
 from callbot_core.errors import CallbotError, InvalidInput
-from callbot_core.llm import available_backends
-from callbot_core.personas import persona_catalog
-from callbot_core.transcripts import get_conversation
+from callbot_core.personas.catalog import persona_catalog
 
 CID = "chat_conversation_id"
 RETRY = "chat_retry_text"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import streamlit as st
 
 from app.common import backend_models, current_user, metric_chips, no_remote_images, require, service, store
-from callbot_core.comparisons import (
+from callbot_core.backends.llm import available_backends
+from callbot_core.errors import CallbotError, InvalidInput
+from callbot_core.experiments.comparisons import (
     MAX_VARIANTS,
     MIN_VARIANTS,
     ComparisonDetail,
@@ -16,9 +18,7 @@ from callbot_core.comparisons import (
     start_comparison,
     vote,
 )
-from callbot_core.errors import CallbotError, InvalidInput
-from callbot_core.llm import available_backends
-from callbot_core.personas import persona_catalog
+from callbot_core.personas.catalog import persona_catalog
 
 CMP = "compare_comparison_id"
 NOTICE = "compare_notice"

@@ -10,16 +10,16 @@ import pandas as pd
 import streamlit as st
 
 from app.common import client_addr, current_user, fmt_ms, metric_chips, no_remote_images, store
-from callbot_core.auth import list_users
-from callbot_core.errors import CallbotError
-from callbot_core.personas import persona_catalog
-from callbot_core.transcripts import (
+from callbot_core.access.signin import list_users
+from callbot_core.conversations.transcripts import (
     delete_conversation,
     export_conversations,
     get_conversation,
     list_conversations,
     search,
 )
+from callbot_core.errors import CallbotError
+from callbot_core.personas.catalog import persona_catalog
 
 PAGE_SIZE = 100
 OPEN = "conv_open_id"

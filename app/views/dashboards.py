@@ -7,12 +7,12 @@ from datetime import UTC, datetime, time, timedelta
 import streamlit as st
 
 from app.common import analytics, client_addr, current_user, store
-from callbot_core import audit
+from callbot_core.access import audit
 from callbot_core.analytics import DashboardFilters, dashboard_data
 from callbot_core.analytics.charts import dashboard_figures, dashboard_html, dashboard_table, table_bytes
+from callbot_core.backends.llm import available_backends
 from callbot_core.errors import CallbotError
-from callbot_core.llm import available_backends
-from callbot_core.personas import persona_catalog
+from callbot_core.personas.catalog import persona_catalog
 
 EXPORT = "dash_export_files"
 

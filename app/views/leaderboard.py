@@ -9,7 +9,7 @@ import streamlit as st
 
 from app.common import analytics, current_user, store
 from callbot_core.errors import CallbotError
-from callbot_core.persona_versions import set_production
+from callbot_core.personas.versions import set_production
 
 user = current_user()
 st.title("Leaderboard")

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from app.common import current_user, no_remote_images, service, store
 from callbot_core.errors import CallbotError, InvalidInput
-from callbot_core.evals import load_suite, parse_suite, run_suite
-from callbot_core.evals.runner import format_params
-from callbot_core.persona_versions import (
+from callbot_core.experiments.evals import load_suite, parse_suite, run_suite
+from callbot_core.experiments.evals.runner import format_params
+from callbot_core.experiments.evals.suite import suite_files
+from callbot_core.personas.catalog import all_personas
+from callbot_core.personas.versions import (
     archive_persona,
     clone_persona,
     create_persona,
@@ -26,11 +26,10 @@ from callbot_core.persona_versions import (
     save_version,
     set_production,
 )
-from callbot_core.personas import all_personas
+from callbot_core.settings import get_settings
 
 FLASH = "personas_flash"
 SELECT = "personas_select"  # (key, version) to show after the rerun that follows a change
-SUITES_DIR = Path(os.environ.get("CALLBOT_SUITES_DIR") or Path(__file__).resolve().parents[2] / "data" / "suites")
 UPLOADED = "(uploaded file)"
 
 user = current_user()
@@ -259,7 +258,8 @@ with suites_tab:
         st.info("Viewers read suite results; researchers and admins run suites.")
     else:
         st.caption(f"Run a scenario suite against versions of {key}: every version × temperature × repeat is one case.")
-        files = sorted(p.name for p in SUITES_DIR.glob("*.yaml")) if SUITES_DIR.is_dir() else []
+        suites = suite_files(get_settings().suites_dir)
+        files = list(suites)
         choice = st.selectbox("Suite", [*files, UPLOADED], key="ps_suite")
         upload = None
         if choice == UPLOADED:
@@ -275,7 +275,7 @@ with suites_tab:
                         raise InvalidInput("Upload a suite file first")
                     suite = parse_suite(upload.getvalue().decode("utf-8"), source=upload.name)
                 else:
-                    suite = load_suite(SUITES_DIR / choice)
+                    suite = load_suite(suites[choice])
                 if not chosen:
                     raise InvalidInput("Pick at least one version")
                 temps = _temperatures(temps_text)

@@ -10,7 +10,7 @@ import streamlit.components.v1 as components
 
 from app.common import current_user, settings, store
 from callbot_core.errors import CallbotError
-from callbot_core.reports import REPORTS, get_run, list_runs, report_parameters, run_report
+from callbot_core.jobs.reports import REPORTS, get_run, list_runs, report_parameters, run_report
 
 OPEN = "reports_open_id"
 

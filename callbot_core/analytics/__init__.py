@@ -4,10 +4,10 @@ See `engine.py` for how the snapshot is kept and shared between processes, `guar
 may do, `views.py` for the documented views and `dashboard.py` for the dashboards' query set.
 """
 
-from .dashboard import DASHBOARD_QUERIES, DashboardFilters, dashboard_data
-from .engine import Analytics, QueryResult, QueryTimeout, RefreshStats
-from .guard import ForbiddenSQL, check_sql
-from .views import VIEW_DOCS, ViewDoc
+from callbot_core.analytics.dashboard import DASHBOARD_QUERIES, DashboardFilters, dashboard_data
+from callbot_core.analytics.engine import Analytics, QueryResult, QueryTimeout, RefreshStats
+from callbot_core.analytics.guard import ForbiddenSQL, check_sql
+from callbot_core.analytics.views import VIEW_DOCS, ViewDoc
 
 __all__ = [
     "DASHBOARD_QUERIES",

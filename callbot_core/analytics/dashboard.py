@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 if TYPE_CHECKING:
-    from .engine import Analytics
+    from callbot_core.analytics.engine import Analytics
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,12 +61,12 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from .. import audit
-from ..errors import CallbotError, ConfigError, InvalidInput
-from ..settings import Settings, get_settings
-from ..store import Store, open_store
-from .guard import ForbiddenSQL, check_sql
-from .views import MACROS, SNAPSHOT_FORMAT, TABLES, VIEWS
+from callbot_core.access import audit
+from callbot_core.analytics.guard import ForbiddenSQL, check_sql
+from callbot_core.analytics.views import MACROS, SNAPSHOT_FORMAT, TABLES, VIEWS
+from callbot_core.errors import CallbotError, ConfigError, InvalidInput
+from callbot_core.settings import Settings, get_settings
+from callbot_core.store import Store, open_store
 
 __all__ = ["Analytics", "QueryResult", "QueryTimeout", "RefreshStats", "scanner_extension_path", "libpq_conninfo"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 
-from ..errors import InvalidInput
+from callbot_core.errors import InvalidInput
 
 __all__ = ["ForbiddenSQL", "check_sql", "ALLOWED_TABLE_FUNCTIONS"]
 

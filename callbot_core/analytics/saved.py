@@ -11,10 +11,10 @@ from datetime import datetime
 
 from sqlalchemy import or_, select
 
-from .. import audit
-from ..errors import Conflict, InvalidInput, NotFound
-from ..store import Store
-from ..store.models import SavedQuery, User, utcnow
+from callbot_core.access import audit
+from callbot_core.errors import Conflict, InvalidInput, NotFound
+from callbot_core.store import Store
+from callbot_core.store.models import SavedQuery, User, utcnow
 
 MAX_NAME_CHARS = 120
 MAX_SQL_CHARS = 20_000
@@ -83,7 +83,7 @@ BUILTIN_QUERIES: tuple[SavedQueryInfo, ...] = (
 
 
 def _check(name: str, sql: str) -> tuple[str, str]:
-    from .guard import check_sql
+    from callbot_core.analytics.guard import check_sql
 
     name = (name or "").strip()
     if not name:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,13 @@ from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import ConfigError
-from ..settings import PROJECT_ROOT, Settings, get_settings
-from . import guards  # noqa: F401  (registers the ORM guards)
+from callbot_core.errors import ConfigError
+from callbot_core.settings import Settings, get_settings
+from callbot_core.store import guards  # noqa: F401  (registers the ORM guards)
+from callbot_core.store.seeds import seed_default_personas
 
-MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
+# Shipped inside the package, so an installed wheel (a container image) migrates as a checkout does.
+MIGRATIONS_DIR = Path(str(resources.files("callbot_core.store").joinpath("migrations")))
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -75,8 +78,6 @@ class Store:
     def upgrade(self) -> None:
         """Migrate to head, then seed what a fresh store needs (the default personas)."""
         from alembic import command
-
-        from ..personas import seed_default_personas
 
         command.upgrade(self.alembic_config(), "head")
         seed_default_personas(self)

@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import event, exists, inspect, select
 from sqlalchemy.orm import Session
 
-from ..errors import Conflict
-from .models import Conversation, PersonaVersion
+from callbot_core.errors import Conflict
+from callbot_core.store.models import Conversation, PersonaVersion
 
 
 @event.listens_for(Session, "before_flush")

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from .types import UTCDateTime
+from callbot_core.store.types import UTCDateTime
 
 ROLES = ("admin", "researcher", "viewer")
 CHANNELS = ("text", "voice", "api", "simulated")

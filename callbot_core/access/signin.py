@@ -1,0 +1,202 @@
+"""Signing in: password checks against the store, lockout after repeated failures, admin actions.
+
+The store is the one source of truth for accounts: the browser app's login form calls
+`authenticate`, so lockout, audit and last-login work the same for every front end.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+
+from callbot_core.access import audit
+from callbot_core.access.users import add_user, hash_password, verify_password
+from callbot_core.errors import CallbotError, InvalidInput, NotFound
+from callbot_core.store import Store
+from callbot_core.store.models import ROLES, User, utcnow
+
+MAX_FAILED_LOGINS = 5
+LOCK_DURATION = timedelta(minutes=15)
+ADMIN_USERNAME = "admin"
+
+# A real bcrypt hash of a random string: checking a password against it for unknown usernames
+# takes as long as for real ones, so response times do not reveal which usernames exist.
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+class AccountLocked(CallbotError):
+    """Too many failed sign-ins: the account is locked until `until`."""
+
+    def __init__(self, username: str, until: datetime) -> None:
+        super().__init__(
+            f"Account {username!r} is locked after {MAX_FAILED_LOGINS} failed sign-ins until "
+            f"{until:%H:%M} UTC; an admin can unlock it"
+        )
+        self.until = until
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfo:
+    id: int
+    username: str
+    display_name: str
+    email: str | None
+    role: str
+    last_login_at: datetime | None = None
+    failed_logins: int = 0
+    locked_until: datetime | None = None
+    created_at: datetime | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    @property
+    def can_chat(self) -> bool:
+        return self.role in ("admin", "researcher")
+
+
+def _info(user: User) -> UserInfo:
+    return UserInfo(
+        id=user.id,
+        username=user.username,
+        display_name=user.display_name or user.username,
+        email=user.email,
+        role=user.role,
+        last_login_at=user.last_login_at,
+        failed_logins=user.failed_logins,
+        locked_until=user.locked_until,
+        created_at=user.created_at,
+    )
+
+
+def _is_locked(user: User, now: datetime) -> bool:
+    return user.locked_until is not None and user.locked_until > now
+
+
+def authenticate(store: Store, username: str, password: str, *, client_addr: str | None = None) -> UserInfo | None:
+    """The user if the password is right; None if not. Raises `AccountLocked` while locked.
+
+    Every attempt is audited. The fifth failure in a row locks the account for 15 minutes.
+    """
+    username = (username or "").strip().lower()
+    now = utcnow()
+    with store.session() as session:
+        user = session.scalar(select(User).where(User.username == username))
+        if user is None:
+            verify_password(password or "", _DUMMY_HASH)
+            audit.record(session, "login.failed", actor=username or None, detail={"reason": "unknown user"},
+                         client_addr=client_addr)  # fmt: skip
+            return None
+        if _is_locked(user, now):
+            audit.record(session, "login.refused", actor=username, detail={"reason": "locked"}, client_addr=client_addr)
+            locked = AccountLocked(username, user.locked_until)  # type: ignore[arg-type]
+        elif verify_password(password or "", user.password_hash):
+            user.failed_logins = 0
+            user.locked_until = None
+            user.last_login_at = now
+            audit.record(session, "login.ok", actor=username, client_addr=client_addr)
+            return _info(user)
+        else:
+            user.failed_logins += 1
+            detail: dict[str, object] = {"reason": "wrong password", "failed_logins": user.failed_logins}
+            locked = None
+            if user.failed_logins >= MAX_FAILED_LOGINS:
+                user.locked_until = now + LOCK_DURATION
+                detail["locked_until"] = user.locked_until.isoformat()
+                audit.record(session, "user.locked", actor=username, target=username, detail=detail,
+                             client_addr=client_addr)  # fmt: skip
+                locked = AccountLocked(username, user.locked_until)
+            audit.record(session, "login.failed", actor=username, detail=detail, client_addr=client_addr)
+    # Raised after the transaction commits, so the failure count and the audit rows are kept.
+    if locked is not None:
+        raise locked
+    return None
+
+
+def get_user_info(store: Store, username: str) -> UserInfo:
+    with store.session() as session:
+        user = session.scalar(select(User).where(User.username == username))
+        if user is None:
+            raise NotFound(f"Unknown user {username!r}")
+        return _info(user)
+
+
+def list_users(store: Store) -> list[UserInfo]:
+    with store.session() as session:
+        return [_info(u) for u in session.scalars(select(User).order_by(User.username))]
+
+
+def active_usernames(store: Store) -> dict[str, UserInfo]:
+    """Users who may sign in now (not locked), by username."""
+    now = utcnow()
+    with store.session() as session:
+        return {u.username: _info(u) for u in session.scalars(select(User)) if not _is_locked(u, now)}
+
+
+def _get(session, username: str) -> User:  # type: ignore[no-untyped-def]
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise NotFound(f"Unknown user {username!r}")
+    return user
+
+
+def create_user(
+    store: Store, username: str, password: str, *, role: str, display_name: str = "", email: str | None = None,
+    actor: str | None = None,
+) -> UserInfo:  # fmt: skip
+    with store.session() as session:
+        return _info(add_user(session, username, password, role=role, display_name=display_name, email=email,
+                              actor=actor))  # fmt: skip
+
+
+def set_role(store: Store, username: str, role: str, *, actor: str, client_addr: str | None = None) -> None:
+    if role not in ROLES:
+        raise InvalidInput(f"Role {role!r} is not valid; roles: {', '.join(ROLES)}")
+    with store.session() as session:
+        user = _get(session, username)
+        if user.role == "admin" and role != "admin" and _admin_count(session) <= 1:
+            raise InvalidInput("The last admin cannot lose the admin role: make another admin first")
+        old, user.role = user.role, role
+        audit.record(session, "user.role", actor=actor, target=username, detail={"from": old, "to": role},
+                     client_addr=client_addr)  # fmt: skip
+
+
+def reset_password(store: Store, username: str, password: str, *, actor: str, client_addr: str | None = None) -> None:
+    new_hash = hash_password(password)
+    with store.session() as session:
+        user = _get(session, username)
+        user.password_hash = new_hash
+        user.failed_logins = 0
+        user.locked_until = None
+        audit.record(session, "user.password_reset", actor=actor, target=username, client_addr=client_addr)
+
+
+def unlock(store: Store, username: str, *, actor: str, client_addr: str | None = None) -> None:
+    with store.session() as session:
+        user = _get(session, username)
+        user.failed_logins = 0
+        user.locked_until = None
+        audit.record(session, "user.unlock", actor=actor, target=username, client_addr=client_addr)
+
+
+def _admin_count(session) -> int:  # type: ignore[no-untyped-def]
+    return len(list(session.scalars(select(User.id).where(User.role == "admin"))))
+
+
+def ensure_admin(store: Store, password: str | None = None) -> str | None:
+    """Create the `admin` account if the store has no admin yet.
+
+    Returns the password when one was generated (to be shown once), else None.
+    """
+    with store.session() as session:
+        if _admin_count(session):
+            return None
+        generated = None
+        if not password:
+            password = generated = secrets.token_urlsafe(12)
+        add_user(session, ADMIN_USERNAME, password, role="admin", display_name="Administrator", actor="setup")
+    return generated

@@ -1,0 +1,56 @@
+"""The `callbot` command line: a thin front end over the engine, one module per command group."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+
+from callbot_core.cli import analytics, chat, conversations, evals, personas, reports, simulate, store, users
+from callbot_core.errors import CallbotError
+
+
+@click.group()
+@click.version_option(package_name="callbot-workbench")
+def cli() -> None:
+    """Callbot Workbench: talk to bot personas and study every turn."""
+
+
+for command in (
+    store.db,
+    store.app_cmd,
+    users.user,
+    personas.personas_list,
+    personas.persona_group,
+    chat.models,
+    chat.chat,
+    conversations.conversations,
+    conversations.search_cmd,
+    conversations.export,
+    analytics.sql_cmd,
+    reports.report,
+    reports.pipelines,
+    evals.eval_group,
+    simulate.simulate_cmd,
+):
+    cli.add_command(command)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: engine errors become one clear line on stderr and exit status 1."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except CallbotError as exc:
+        click.secho(f"Error: {exc}", fg="red", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

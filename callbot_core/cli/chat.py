@@ -1,0 +1,121 @@
+"""`callbot models` and `callbot chat`: a backend's health, and talking to a persona."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from callbot_core.cli._common import fmt_ms, open_checked_store
+from callbot_core.errors import CallbotError, InvalidInput
+
+# -- backends ----------------------------------------------------------------------------------
+
+
+@click.command("models")
+@click.option("--backend", default=None, help="embedded, ollama or openai (default: configured).")
+def models(backend: str | None) -> None:
+    """Check a backend's health and list its models."""
+    from callbot_core.backends.llm import get_backend
+
+    llm = get_backend(backend)
+    health = llm.health()
+    click.echo(f"{llm.name} at {llm.where}: {'ok' if health.ok else 'DOWN'} {health.detail}")
+    if health.ok:
+        for name in llm.list_models():
+            click.echo(f"  {name}")
+    else:
+        sys.exit(1)
+
+
+# -- chat --------------------------------------------------------------------------------------
+
+
+def _metrics_line(result: object) -> str:
+    r = result
+    tps = "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f} tok/s"  # type: ignore[attr-defined]
+    return (
+        f"[TTFT {fmt_ms(r.ttft_ms)} · {tps} · {r.completion_tokens or 0} tokens"  # type: ignore[attr-defined]
+        f" · total {fmt_ms(r.total_ms)}]"  # type: ignore[attr-defined]
+    )
+
+
+def _stream_reply(service: object, conversation_id: int, text: str) -> None:
+    turn = service.send(conversation_id, text)  # type: ignore[attr-defined]
+    click.echo("bot> ", nl=False)
+    for piece in turn:
+        click.echo(piece, nl=False)
+    click.echo()
+    click.secho(_metrics_line(turn.result), dim=True)
+
+
+def _print_summaries(summaries: object) -> None:
+    click.echo("\nSummary (short):")
+    click.echo(summaries.short)  # type: ignore[attr-defined]
+    click.echo("\nSummary (full):")
+    click.echo(summaries.full)  # type: ignore[attr-defined]
+
+
+@click.command()
+@click.option("--persona", default="assistant", show_default=True, help="Persona key, or key@version.")
+@click.option("--backend", default=None, help="embedded, ollama or openai (default: persona's, then configured).")
+@click.option("--model", default=None, help="Model name on that backend.")
+@click.option("--message", "-m", default=None, help="Send one message, print the reply and exit.")
+@click.option("--end", "end_after", is_flag=True, help="With --message: end the conversation and summarise.")
+@click.option(
+    "--var", "variables", multiple=True, metavar="NAME=VALUE",
+    help="A prompt variable, e.g. --var caller_name=Ann (repeatable); stored with the conversation.",
+)  # fmt: skip
+def chat(
+    persona: str,
+    backend: str | None,
+    model: str | None,
+    message: str | None,
+    end_after: bool,
+    variables: tuple[str, ...],
+) -> None:
+    """Chat with a persona: an interactive streaming REPL, or one turn with --message.
+
+    In the REPL, /end ends the conversation and prints its summaries; /quit leaves it open.
+    """
+    from callbot_core.conversations.service import ConversationService
+
+    given: dict[str, str] = {}
+    for raw in variables:
+        name, sep, value = raw.partition("=")
+        if not sep:
+            raise InvalidInput(f"--var {raw!r} is not NAME=VALUE, e.g. --var caller_name=Ann")
+        given[name.strip()] = value
+    service = ConversationService(store=open_checked_store())
+    info = service.start(persona, backend=backend, model=model, channel="text", variables=given)
+    click.secho(
+        f"Conversation {info.id} with {info.persona_key}@{info.persona_version} on {info.backend} ({info.model})",
+        dim=True,
+    )
+    if message is not None:
+        _stream_reply(service, info.id, message)
+        if end_after:
+            _print_summaries(service.end(info.id))
+        return
+    if info.greeting:
+        click.echo(f"bot> {info.greeting}")
+    click.secho("Type a message; /end ends the call and summarises it, /quit leaves.", dim=True)
+    while True:
+        try:
+            text = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+        except (EOFError, click.Abort):
+            click.echo()
+            return
+        command = text.strip().lower()
+        if command in ("/quit", "/exit"):
+            return
+        if command == "/end":
+            click.secho("Ending the conversation and writing its summaries…", dim=True)
+            _print_summaries(service.end(info.id))
+            return
+        try:
+            _stream_reply(service, info.id, text)
+        except InvalidInput as exc:
+            click.secho(f"Not sent: {exc}", fg="yellow", err=True)
+        except CallbotError as exc:
+            click.secho(f"\nThe turn failed: {exc}", fg="red", err=True)

@@ -1,0 +1,542 @@
+"""Side by side: the same caller turns sent to 2-4 persona versions or parameter variants at once.
+
+Each variant is an ordinary stored conversation (so transcripts, analytics and exports see it like any
+other), linked to one `Comparison` row. A turn goes to every variant concurrently; the user then marks
+the reply they prefer, and in blind mode the page hides which variant is which until they have voted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, aliased
+
+from callbot_core.access import audit
+from callbot_core.backends.llm import GenerationParams
+from callbot_core.conversations.service import ConversationService, TurnStream
+from callbot_core.conversations.validation import clean_message
+from callbot_core.errors import CallbotError, Conflict, InvalidInput, NotFound
+from callbot_core.personas.catalog import get_persona_version
+from callbot_core.store import Store
+from callbot_core.store.models import (
+    Comparison,
+    ComparisonVariant,
+    ComparisonVote,
+    Conversation,
+    Message,
+    PersonaVersion,
+    TurnMetrics,
+    User,
+    utcnow,
+)
+
+MIN_VARIANTS = 2
+MAX_VARIANTS = 4
+LABELS = ("A", "B", "C", "D")
+PARAM_KEYS = ("temperature", "top_p", "max_tokens", "seed")
+# Backends that run one generation at a time per model. Their variants are run one after another inside a
+# single worker, so each variant's TTFT is measured from its own start rather than including the wait for
+# another variant's turn on the model lock.
+SERIAL_BACKENDS = frozenset({"embedded"})
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One column to compare: a persona version (`key@version`) and optional sampling overrides."""
+
+    persona_ref: str
+    params: dict[str, Any] | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VariantInfo:
+    id: int
+    position: int
+    label: str
+    conversation_id: int
+    persona_key: str
+    persona_version: int
+    backend: str
+    model: str
+    params: dict[str, Any]
+    votes: int = 0
+
+    @property
+    def ref(self) -> str:
+        return f"{self.persona_key}@{self.persona_version}"
+
+    def describe(self) -> str:
+        """`key@version` plus the overrides, e.g. `receptionist@2 · temperature=0.2`."""
+        extra = " · ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.ref} · {extra}" if extra else self.ref
+
+
+@dataclass(frozen=True, slots=True)
+class ComparisonInfo:
+    id: int
+    title: str
+    blind: bool
+    created_at: datetime
+    variants: list[VariantInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class VariantReply:
+    """One variant's answer to one turn; `error` is set (and `text` empty) when that variant failed."""
+
+    variant_id: int
+    label: str
+    text: str
+    ttft_ms: float | None
+    tokens_per_s: float | None
+    completion_tokens: int | None
+    words: int
+    error: str | None = None
+    total_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ComparisonTurn:
+    index: int
+    user_text: str
+    # In variant order; None where a variant has no row for this turn (it could not be sent at all).
+    replies: list[VariantReply | None]
+
+
+@dataclass(frozen=True, slots=True)
+class VoteInfo:
+    turn_index: int
+    variant_id: int
+    voter_id: int | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ComparisonDetail:
+    id: int
+    title: str
+    blind: bool
+    created_at: datetime
+    created_by: int | None
+    variants: list[VariantInfo]
+    turns: list[ComparisonTurn] = field(default_factory=list)
+    votes: list[VoteInfo] = field(default_factory=list)
+
+    def vote_of(self, turn_index: int, voter_id: int | None) -> int | None:
+        """The variant id this voter preferred at this turn, or None."""
+        return next((v.variant_id for v in self.votes if v.turn_index == turn_index and v.voter_id == voter_id), None)
+
+    def reveal(self, turn_index: int, voter_id: int | None) -> bool:
+        """Whether this voter may see which variant is which at this turn.
+
+        Blind comparisons hide identities until the voter has voted on that turn, so the preference is
+        given on the replies alone; open comparisons always show them.
+        """
+        return not self.blind or self.vote_of(turn_index, voter_id) is not None
+
+    def tally(self) -> dict[int, int]:
+        """Votes per variant id, every variant present (zero when it has none)."""
+        counts = {v.id: 0 for v in self.variants}
+        for vote in self.votes:
+            counts[vote.variant_id] = counts.get(vote.variant_id, 0) + 1
+        return counts
+
+
+@dataclass(frozen=True, slots=True)
+class ComparisonRow:
+    id: int
+    title: str
+    blind: bool
+    created_at: datetime
+    variants: int
+    votes: int
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def validate_params(params: object) -> dict[str, Any]:
+    """Sampling overrides checked against the ranges GenerationParams and the persona editor accept."""
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"Variant parameters must be an object, not {params!r}")
+    unknown = sorted(set(params) - set(PARAM_KEYS))
+    if unknown:
+        raise InvalidInput(f"Unknown variant parameter(s) {', '.join(unknown)}; allowed: {', '.join(PARAM_KEYS)}")
+    out: dict[str, Any] = {}
+    for key in PARAM_KEYS:  # a fixed order, so stored params and their labels read the same everywhere
+        if key not in params or params[key] is None:
+            continue
+        value = params[key]
+        if key in ("temperature", "top_p"):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InvalidInput(f"{key} must be a number, not {value!r}")
+            value = float(value)
+            if key == "temperature" and not 0 <= value <= 2:
+                raise InvalidInput(f"temperature must be between 0 and 2, not {value}")
+            if key == "top_p" and not 0 < value <= 1:
+                raise InvalidInput(f"top_p must be above 0 and at most 1, not {value}")
+        elif key == "max_tokens":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+                raise InvalidInput(f"max_tokens must be a whole number from 1 to 4096, not {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInput(f"seed must be a whole number of 0 or more, not {value!r}")
+        out[key] = value
+    return out
+
+
+def _username(session: Session, user_id: int | None) -> str | None:
+    return None if user_id is None else session.scalar(select(User.username).where(User.id == user_id))
+
+
+def _get(session: Session, comparison_id: object) -> Comparison:
+    if isinstance(comparison_id, bool) or not isinstance(comparison_id, int):
+        raise InvalidInput(f"A comparison id must be a whole number, not {comparison_id!r}")
+    comparison = session.get(Comparison, comparison_id)
+    if comparison is None:
+        raise NotFound(f"Comparison {comparison_id} does not exist")
+    return comparison
+
+
+def _variants(session: Session, comparison_id: int) -> list[tuple[ComparisonVariant, Conversation, PersonaVersion]]:
+    rows = session.execute(
+        select(ComparisonVariant, Conversation, PersonaVersion)
+        .join(Conversation, Conversation.id == ComparisonVariant.conversation_id)
+        .join(PersonaVersion, PersonaVersion.id == Conversation.persona_version_id)
+        .where(ComparisonVariant.comparison_id == comparison_id)
+        .order_by(ComparisonVariant.position)
+    )
+    return [(v, c, p) for v, c, p in rows]
+
+
+def _variant_info(variant: ComparisonVariant, conversation: Conversation, version: PersonaVersion) -> VariantInfo:
+    return VariantInfo(
+        id=variant.id,
+        position=variant.position,
+        label=variant.label,
+        conversation_id=variant.conversation_id,
+        persona_key=version.persona.key,
+        persona_version=version.version,
+        backend=conversation.backend,
+        model=conversation.model,
+        params=dict(variant.params or {}),
+    )
+
+
+# -- starting -----------------------------------------------------------------------------------
+
+
+def start_comparison(
+    service: ConversationService,
+    variants: Sequence[Variant],
+    *,
+    user_id: int | None = None,
+    title: str = "",
+    blind: bool = False,
+    backend: str | None = None,
+    model: str | None = None,
+) -> ComparisonInfo:
+    """Open one stored conversation per variant and link them to a new comparison.
+
+    Everything that can be refused (count, persona refs, parameters) is checked before anything is
+    stored; if opening a conversation still fails, the ones already opened are removed again.
+    """
+    if not MIN_VARIANTS <= len(variants) <= MAX_VARIANTS:
+        raise InvalidInput(f"A comparison needs {MIN_VARIANTS} to {MAX_VARIANTS} variants, not {len(variants)}")
+    if not isinstance(title, str):
+        raise InvalidInput(f"A comparison title must be text, not {title!r}")
+    title = title.strip()[:200]
+    checked = [validate_params(v.params) for v in variants]
+    store = service.store
+    with store.session() as session:
+        for variant in variants:
+            get_persona_version(session, variant.persona_ref)  # raises NotFound / InvalidInput naming the ref
+    labels = [(v.label or "").strip()[:40] or LABELS[i] for i, v in enumerate(variants)]
+    if len(set(labels)) != len(labels):
+        raise InvalidInput(f"Variant labels must differ, got {', '.join(labels)}")
+
+    opened: list[int] = []
+    try:
+        for variant in variants:
+            info = service.start(variant.persona_ref, user_id=user_id, backend=backend, model=model, channel="text")
+            opened.append(info.id)
+        with store.session() as session:
+            comparison = Comparison(title=title, created_by=user_id, blind=bool(blind))
+            session.add(comparison)
+            session.flush()
+            for position, (cid, label, params) in enumerate(zip(opened, labels, checked, strict=True)):
+                session.add(
+                    ComparisonVariant(
+                        comparison_id=comparison.id,
+                        position=position,
+                        label=label,
+                        conversation_id=cid,
+                        params=params or None,
+                    )
+                )
+            audit.record(
+                session,
+                "comparison.start",
+                actor=_username(session, user_id),
+                target=f"comparison#{comparison.id}",
+                detail={
+                    "variants": [
+                        {"label": lb, "persona": v.persona_ref, "params": p}
+                        for lb, v, p in zip(labels, variants, checked, strict=True)
+                    ],
+                    "blind": bool(blind),
+                },
+            )
+            comparison_id = comparison.id
+    except Exception:
+        # Half a comparison is worse than none: drop the conversations opened for it.
+        if opened:
+            with store.session() as session:
+                for cid in opened:
+                    row = session.get(Conversation, cid)
+                    if row is not None:
+                        session.delete(row)
+        raise
+    detail = get_comparison(store, comparison_id)
+    return ComparisonInfo(detail.id, detail.title, detail.blind, detail.created_at, detail.variants)
+
+
+# -- turns --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    info: VariantInfo
+    params: GenerationParams
+
+
+def _run_variant(service: ConversationService, job: _Job, text: str) -> VariantReply:
+    """Run one variant's turn to the end; a failure becomes this variant's reply, not an exception."""
+    turn: TurnStream | None = None
+    error: str | None = None
+    try:
+        turn = service.send(job.info.conversation_id, text, params=job.params)
+        turn.text()
+    except CallbotError as exc:
+        error = str(exc)
+    except Exception as exc:  # a bug in one backend must not take the other columns down with it
+        error = f"{type(exc).__name__}: {exc}"
+    result = turn.result if turn is not None else None
+    if result is None:
+        return VariantReply(job.info.id, job.info.label, "", None, None, None, 0, error or "the turn did not run")
+    reply_text = result.text if result.error is None and error is None else ""
+    return VariantReply(
+        variant_id=job.info.id,
+        label=job.info.label,
+        text=reply_text,
+        ttft_ms=result.ttft_ms,
+        tokens_per_s=result.tokens_per_s,
+        completion_tokens=result.completion_tokens,
+        words=len(reply_text.split()),
+        error=result.error or error,
+        total_ms=result.total_ms,
+    )
+
+
+def _run_chain(service: ConversationService, jobs: list[_Job], text: str) -> list[VariantReply]:
+    return [_run_variant(service, job, text) for job in jobs]
+
+
+def send_turn(service: ConversationService, comparison_id: int, text: object) -> list[VariantReply]:
+    """Send the same user text to every variant at once; replies come back in variant order.
+
+    The text is validated once, before anything is stored. Remote backends run truly in parallel;
+    variants on a serialising backend (the embedded model) run one after another in one worker.
+    """
+    user_text = clean_message(text, max_chars=service.settings.max_message_chars)
+    with service.store.session() as session:
+        _get(session, comparison_id)
+        rows = _variants(session, comparison_id)
+        jobs: list[_Job] = []
+        for variant, conversation, version in rows:
+            if conversation.status != "active":
+                # Checked for all before sending to any, so the variants' turns stay aligned by index.
+                raise Conflict(f"Variant {variant.label}'s conversation {conversation.id} has ended")
+            info = _variant_info(variant, conversation, version)
+            params = GenerationParams(
+                temperature=info.params.get("temperature", version.temperature),
+                top_p=info.params.get("top_p", version.top_p),
+                max_tokens=info.params.get("max_tokens", version.max_tokens),
+                stop=tuple(version.stop_words or ()),
+                seed=info.params.get("seed"),
+            )
+            jobs.append(_Job(info, params))
+    if not jobs:
+        raise Conflict(f"Comparison {comparison_id} has no variants")
+    serial = [j for j in jobs if j.info.backend in SERIAL_BACKENDS]
+    chains = ([serial] if serial else []) + [[j] for j in jobs if j.info.backend not in SERIAL_BACKENDS]
+    with ThreadPoolExecutor(max_workers=len(chains), thread_name_prefix="compare") as pool:
+        futures = [pool.submit(_run_chain, service, chain, user_text) for chain in chains]
+        replies = {r.variant_id: r for f in futures for r in f.result()}
+    return [replies[j.info.id] for j in jobs]
+
+
+# -- votes --------------------------------------------------------------------------------------
+
+
+def _turns_of(session: Session, conversation_id: int) -> list[int]:
+    """The turn_metrics ids of a conversation in order: one row per turn, failed turns included."""
+    return list(
+        session.scalars(
+            select(TurnMetrics.id).where(TurnMetrics.conversation_id == conversation_id).order_by(TurnMetrics.id)
+        )
+    )
+
+
+def vote(store: Store, comparison_id: int, turn_index: int, variant_id: int, *, voter_id: int | None) -> None:
+    """Store the voter's preferred variant for one turn, replacing an earlier vote on that turn."""
+    if isinstance(turn_index, bool) or not isinstance(turn_index, int):
+        raise InvalidInput(f"A turn index must be a whole number, not {turn_index!r}")
+    with store.session() as session:
+        comparison = _get(session, comparison_id)
+        variant = session.get(ComparisonVariant, variant_id) if isinstance(variant_id, int) else None
+        if variant is None or variant.comparison_id != comparison.id:
+            raise InvalidInput(f"Variant {variant_id!r} is not part of comparison {comparison_id}")
+        turns = _turns_of(session, variant.conversation_id)
+        if not 0 <= turn_index < len(turns):
+            raise InvalidInput(f"Comparison {comparison_id} has no turn {turn_index} (it has {len(turns)})")
+        failed = session.scalar(select(TurnMetrics.error).where(TurnMetrics.id == turns[turn_index]))
+        if failed:
+            raise InvalidInput(f"Variant {variant.label} has no reply at turn {turn_index}: it failed")
+        query = select(ComparisonVote).where(
+            ComparisonVote.comparison_id == comparison.id, ComparisonVote.turn_index == turn_index
+        )
+        query = query.where(
+            ComparisonVote.voter_id.is_(None) if voter_id is None else ComparisonVote.voter_id == voter_id
+        )
+        existing = session.scalar(query)
+        previous = None
+        if existing is None:
+            session.add(
+                ComparisonVote(
+                    comparison_id=comparison.id, turn_index=turn_index, variant_id=variant.id, voter_id=voter_id
+                )
+            )
+        else:
+            previous = existing.variant_id
+            existing.variant_id = variant.id
+            existing.created_at = utcnow()
+        audit.record(
+            session,
+            "comparison.vote",
+            actor=_username(session, voter_id),
+            target=f"comparison#{comparison.id}",
+            detail={"turn": turn_index, "variant": variant.label, "replaced": previous is not None},
+        )
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def get_comparison(store: Store, comparison_id: int) -> ComparisonDetail:
+    """The comparison with its variants, its turns aligned by index across variants, and its votes."""
+    user_msg, bot_msg = aliased(Message), aliased(Message)
+    with store.session() as session:
+        comparison = _get(session, comparison_id)
+        rows = _variants(session, comparison.id)
+        votes = [
+            VoteInfo(v.turn_index, v.variant_id, v.voter_id, v.created_at)
+            for v in session.scalars(
+                select(ComparisonVote)
+                .where(ComparisonVote.comparison_id == comparison.id)
+                .order_by(ComparisonVote.turn_index, ComparisonVote.id)
+            )
+        ]
+        counts: dict[int, int] = {}
+        for v in votes:
+            counts[v.variant_id] = counts.get(v.variant_id, 0) + 1
+        variants: list[VariantInfo] = []
+        per_variant: list[list[tuple[str, VariantReply]]] = []
+        for variant, conversation, version in rows:
+            info = _variant_info(variant, conversation, version)
+            variants.append(replace(info, votes=counts.get(info.id, 0)))
+            turns = session.execute(
+                select(TurnMetrics, user_msg.text, bot_msg.text)
+                .join(user_msg, user_msg.id == TurnMetrics.user_message_id)
+                .outerjoin(bot_msg, bot_msg.id == TurnMetrics.assistant_message_id)
+                .where(TurnMetrics.conversation_id == conversation.id)
+                .order_by(TurnMetrics.id)
+            )
+            replies = []
+            for metrics, asked, answered in turns:
+                answer = answered or ""
+                replies.append(
+                    (
+                        asked,
+                        VariantReply(
+                            variant_id=info.id,
+                            label=info.label,
+                            text=answer,
+                            ttft_ms=metrics.ttft_ms,
+                            tokens_per_s=metrics.tokens_per_s,
+                            completion_tokens=metrics.completion_tokens,
+                            words=len(answer.split()),
+                            error=metrics.error,
+                            total_ms=metrics.total_ms,
+                        ),
+                    )
+                )
+            per_variant.append(replies)
+        n_turns = max((len(r) for r in per_variant), default=0)
+        aligned = []
+        for index in range(n_turns):
+            cells = [r[index] if index < len(r) else None for r in per_variant]
+            asked = next((c[0] for c in cells if c is not None), "")
+            aligned.append(ComparisonTurn(index, asked, [c[1] if c is not None else None for c in cells]))
+        return ComparisonDetail(
+            id=comparison.id,
+            title=comparison.title,
+            blind=comparison.blind,
+            created_at=comparison.created_at,
+            created_by=comparison.created_by,
+            variants=variants,
+            turns=aligned,
+            votes=votes,
+        )
+
+
+def list_comparisons(store: Store, limit: int = 50, *, created_by: int | None = None) -> list[ComparisonRow]:
+    """The newest comparisons first, optionally only one user's."""
+    n_variants = (
+        select(ComparisonVariant.comparison_id.label("cid"), func.count().label("n"))
+        .group_by(ComparisonVariant.comparison_id)
+        .subquery()
+    )
+    n_votes = (
+        select(ComparisonVote.comparison_id.label("cid"), func.count().label("n"))
+        .group_by(ComparisonVote.comparison_id)
+        .subquery()
+    )
+    query = (
+        select(Comparison, n_variants.c.n, n_votes.c.n)
+        .outerjoin(n_variants, n_variants.c.cid == Comparison.id)
+        .outerjoin(n_votes, n_votes.c.cid == Comparison.id)
+        .order_by(Comparison.id.desc())
+        .limit(max(1, int(limit)))
+    )
+    if created_by is not None:
+        query = query.where(Comparison.created_by == created_by)
+    with store.session() as session:
+        return [
+            ComparisonRow(c.id, c.title, c.blind, c.created_at, variants or 0, votes or 0)
+            for c, variants, votes in session.execute(query)
+        ]
+
+
+def vote_tally(store: Store, comparison_id: int) -> dict[str, int]:
+    """Votes per variant label (every label present), e.g. {"A": 2, "B": 1}."""
+    detail = get_comparison(store, comparison_id)
+    return {v.label: v.votes for v in detail.variants}

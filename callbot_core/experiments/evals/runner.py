@@ -1,0 +1,358 @@
+"""Running a suite as a grid: persona versions × parameter combinations × repeats.
+
+Each cell is one EvalRun row and one stored conversation (channel "api"), so a suite's replies sit
+next to the user's own transcripts and the analytics views see them like any other turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import secrets
+import statistics
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from callbot_core.backends.llm import GenerationParams
+from callbot_core.conversations.service import ConversationService
+from callbot_core.errors import CallbotError, InvalidInput
+from callbot_core.experiments.evals.assertions import AssertionContext, Outcome, evaluate
+from callbot_core.experiments.evals.suite import Suite
+from callbot_core.jobs.runs import worker_id
+from callbot_core.personas.catalog import get_persona_version
+from callbot_core.store.models import Conversation, EvalResult, EvalRun, utcnow
+
+# Grid parameters a suite run may vary, and how each value is read.
+GRID_PARAMS: dict[str, type] = {"temperature": float, "top_p": float, "max_tokens": int, "seed": int}
+Progress = Callable[[int, int], None]
+# Backends that generate one reply at a time in this process (a llama.cpp context behind one lock).
+SERIAL_BACKENDS = frozenset({"embedded"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Cell:
+    ref: str  # key@version, resolved before anything runs
+    version_id: int
+    defaults: GenerationParams
+    params: dict[str, Any]
+    repeat_index: int
+    # Held around each generation when the backend runs one generation at a time (the embedded model):
+    # cells then take turns generating while one cell's assertions and writes overlap the other's reply,
+    # and a turn's TTFT never includes time spent waiting for the model.
+    gate: threading.Lock | None = field(default=None, compare=False)
+
+
+@dataclass(slots=True)
+class CellResult:
+    run_id: int
+    persona: str
+    params: dict[str, Any]
+    repeat_index: int
+    status: str
+    error: str | None = None
+    outcomes: list[tuple[int, str, Outcome]] = field(default_factory=list)  # (turn index, kind, outcome)
+    ttft_ms: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRow:
+    persona: str
+    params: dict[str, Any]
+    cases: int
+    passed: int
+    errors: int
+    assertions: int
+    assertions_passed: int
+    mean_similarity: float | None
+    mean_judge: float | None
+    ttft_p50_ms: float | None
+
+    @property
+    def pass_rate(self) -> float:
+        return self.passed / self.cases if self.cases else 0.0
+
+    @property
+    def assertion_pass_rate(self) -> float:
+        return self.assertions_passed / self.assertions if self.assertions else 0.0
+
+    def display(self) -> dict[str, str]:
+        """The row as the CLI and the Personas page show it, column name -> formatted value."""
+        return {
+            "persona": self.persona,
+            "params": format_params(self.params),
+            "runs": str(self.cases),
+            "runs passed": str(self.passed),
+            "checks": f"{self.assertions_passed}/{self.assertions}",
+            # The share of checks passed: the leaderboard's pass_rate, so the two agree.
+            "pass rate": f"{self.assertion_pass_rate:.0%}",
+            "similarity": "-" if self.mean_similarity is None else f"{self.mean_similarity:.2f}",
+            "judge": "-" if self.mean_judge is None else f"{self.mean_judge:.1f}",
+            "TTFT p50 ms": "-" if self.ttft_p50_ms is None else f"{self.ttft_p50_ms:,.0f}",
+        }
+
+
+@dataclass(slots=True)
+class BatchResult:
+    batch: str
+    suite: str
+    cells: list[CellResult]
+
+    def summary(self) -> list[SummaryRow]:
+        """One row per (persona version, parameter set); a case is one cell repeat, passed when all its checks pass."""
+        groups: dict[tuple[str, str], list[CellResult]] = {}
+        for cell in self.cells:
+            groups.setdefault((cell.persona, format_params(cell.params)), []).append(cell)
+        rows = []
+        for cells in groups.values():
+            outcomes = [(kind, o) for c in cells for _, kind, o in c.outcomes]
+            sims = [o.score for kind, o in outcomes if kind == "similar_to" and o.score is not None]
+            judged = [o.score for kind, o in outcomes if kind == "judge" and o.score is not None]
+            ttfts = [t for c in cells for t in c.ttft_ms]
+            rows.append(
+                SummaryRow(
+                    persona=cells[0].persona,
+                    params=cells[0].params,
+                    cases=len(cells),
+                    passed=sum(c.status == "passed" for c in cells),
+                    errors=sum(c.status == "error" for c in cells),
+                    assertions=len(outcomes),
+                    assertions_passed=sum(o.passed for _, o in outcomes),
+                    mean_similarity=statistics.fmean(sims) if sims else None,
+                    mean_judge=statistics.fmean(judged) if judged else None,
+                    ttft_p50_ms=statistics.median(ttfts) if ttfts else None,
+                )
+            )
+        return rows
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "persona defaults"
+
+
+def new_batch_id() -> str:
+    # Sortable by time and unique across concurrent runs.
+    return f"{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def run_suite(
+    service: ConversationService,
+    suite: Suite,
+    persona_refs: Sequence[str],
+    *,
+    params_grid: dict[str, list[float]] | None = None,
+    repeat: int = 1,
+    concurrency: int = 2,
+    created_by: str | None = None,
+    progress: Progress | None = None,
+    context: AssertionContext | None = None,
+) -> BatchResult:
+    """Run every cell of the grid and store it; bad input is refused before anything is stored."""
+    refs = list(persona_refs) or ([suite.persona] if suite.persona else [])
+    if not refs:
+        raise InvalidInput(f"Suite {suite.name!r} names no persona: give at least one persona as key@version")
+    if repeat < 1:
+        raise InvalidInput(f"repeat must be at least 1, not {repeat}")
+    if concurrency < 1:
+        raise InvalidInput(f"concurrency must be at least 1, not {concurrency}")
+    combos = _combinations(params_grid or {})
+    versions: list[tuple[str, int, GenerationParams, threading.Lock | None]] = []
+    gates: dict[str, threading.Lock] = {}
+    with service.store.session() as session:
+        for ref in dict.fromkeys(refs):  # the same version twice would only duplicate cells
+            v = get_persona_version(session, ref)
+            defaults = GenerationParams(
+                temperature=v.temperature, top_p=v.top_p, max_tokens=v.max_tokens, stop=tuple(v.stop_words or ())
+            )
+            gate = None
+            with contextlib.suppress(CallbotError):  # a backend that cannot be had fails in its cells, stored
+                llm = service.backend(v.backend)
+                gate = gates.setdefault(llm.name, threading.Lock()) if llm.name in SERIAL_BACKENDS else None
+            versions.append((f"{v.persona.key}@{v.version}", v.id, defaults, gate))
+    cells = [
+        _Cell(ref, vid, defaults, combo, r, gate)
+        for ref, vid, defaults, gate in versions
+        for combo in combos
+        for r in range(repeat)
+    ]
+    context = context or AssertionContext()
+    if context.judge_backends is None:
+        context.judge_backends = service.backend
+    batch = BatchResult(new_batch_id(), suite.name, [])
+    total = len(cells)
+    if progress:
+        progress(0, total)
+    workers = concurrency
+    if cells and all(c.gate is not None for c in cells) and len({id(c.gate) for c in cells}) == 1:
+        # Every cell needs the one serial model: a second thread could only wait for it, and measured it cost
+        # (bench/eval_throughput.py: 0.73x with a waiting thread), so such a grid runs on one thread.
+        workers = 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval") as pool:
+        futures = [pool.submit(_run_cell, service, suite, batch.batch, cell, created_by, context) for cell in cells]
+        # Progress is reported from this thread only, so callers may drive a non-thread-safe progress bar.
+        for done, future in enumerate(as_completed(futures), start=1):
+            batch.cells.append(future.result())
+            if progress:
+                progress(done, total)
+    batch.cells.sort(key=lambda c: c.run_id)
+    return batch
+
+
+def _combinations(grid: dict[str, list[float]]) -> list[dict[str, Any]]:
+    for name, values in grid.items():
+        if name not in GRID_PARAMS:
+            raise InvalidInput(f"Unknown parameter {name!r}; parameters: {', '.join(GRID_PARAMS)}")
+        if not values:
+            raise InvalidInput(f"Parameter {name!r} has no values")
+    names = list(grid)
+    typed = [[GRID_PARAMS[n](v) for v in dict.fromkeys(grid[n])] for n in names]
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*typed)]
+
+
+def _run_cell(
+    service: ConversationService,
+    suite: Suite,
+    batch: str,
+    cell: _Cell,
+    created_by: str | None,
+    context: AssertionContext,
+) -> CellResult:
+    with service.store.session() as session:
+        run = EvalRun(
+            batch=batch,
+            suite=suite.name,
+            persona_version_id=cell.version_id,
+            params=cell.params,
+            repeat_index=cell.repeat_index,
+            created_by=created_by,
+            status="running",
+            worker=worker_id(),
+        )
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    result = CellResult(run_id, cell.ref, cell.params, cell.repeat_index, status="running")
+    conversation_id: int | None = None
+    gen = _params(cell.defaults, cell.params)
+    try:
+        if suite.simulate is not None:
+            with cell.gate or contextlib.nullcontext():  # the caller shares the model: the whole call at once
+                conversation_id = _run_simulated(service, suite, run_id, gen, result, context)
+            raise _Done
+        # A serial backend (the embedded model) runs one cell's conversation at a time: interleaving two
+        # conversations on one llama.cpp context would throw away its prompt cache on every turn (3x slower
+        # measured) and count the wait for the model in TTFT. Other cells meanwhile set up and write results.
+        with cell.gate or contextlib.nullcontext():
+            info = service.start(cell.ref, channel="api")
+            conversation_id = info.id
+            with service.store.session() as session:
+                session.get(EvalRun, run_id).conversation_id = conversation_id  # type: ignore[union-attr]
+            for index, turn in enumerate(suite.turns):
+                stream = service.send(conversation_id, turn.say, params=gen)
+                # A backend failure is stored on the turn and carried by stream.result: judged below, not raised.
+                with contextlib.suppress(CallbotError):
+                    stream.text()
+                turn_result = stream.result
+                assert turn_result is not None
+                if turn_result.ttft_ms is not None and turn_result.error is None:
+                    result.ttft_ms.append(turn_result.ttft_ms)
+                outcomes = [(a, evaluate(a, turn.say, turn_result, context)) for a in turn.expect]
+                _store_outcomes(service, run_id, index, outcomes)
+                result.outcomes += [(index, a.kind, o) for a, o in outcomes]
+                if turn_result.error is not None:
+                    # Later turns would run on a conversation missing a reply: measuring them would mislead.
+                    result.error = f"turn {index + 1} failed: {turn_result.error}"
+                    break
+        raise _Done
+    except _Done:
+        if result.error:
+            result.status = "error"
+        else:
+            result.status = "passed" if all(o.passed for _, _, o in result.outcomes) else "failed"
+    except Exception as exc:  # one broken cell must not stop the batch; its row says what happened
+        result.status = "error"
+        result.error = str(exc) if isinstance(exc, CallbotError) else f"{type(exc).__name__}: {exc}"
+    with service.store.session() as session:
+        run = session.get(EvalRun, run_id)
+        assert run is not None
+        run.status = result.status
+        run.error = result.error[:4000] if result.error else None
+        run.finished_at = utcnow()
+        if conversation_id is not None:
+            # Ended without summaries: summarising every suite run would double its cost for nothing measured.
+            conversation = session.scalar(select(Conversation).where(Conversation.id == conversation_id))
+            if conversation is not None and conversation.status == "active":
+                conversation.status = "ended"
+                conversation.ended_at = utcnow()
+    return result
+
+
+class _Done(Exception):
+    """The cell ran to its end (scripted or simulated): judge its outcomes."""
+
+
+def _store_outcomes(service: ConversationService, run_id: int, index: int, outcomes: list) -> None:  # type: ignore[type-arg]
+    with service.store.session() as session:
+        session.add_all(
+            EvalResult(
+                eval_run_id=run_id,
+                turn_index=index,
+                kind=a.kind,
+                spec=a.spec,
+                passed=o.passed,
+                score=o.score,
+                detail=o.detail[:4000],
+            )
+            for a, o in outcomes
+        )
+
+
+def _run_simulated(
+    service: ConversationService,
+    suite: Suite,
+    run_id: int,
+    gen: GenerationParams,
+    result: CellResult,
+    context: AssertionContext,
+) -> int | None:
+    """A simulated caller drives the cell; `expect_each` is checked on every bot reply."""
+    from callbot_core.experiments.simulated import CallerPersona, SimulatedTurn, simulate_call
+
+    sim = suite.simulate
+    assert sim is not None
+    started: dict[str, int] = {}
+
+    def on_start(conversation_id: int) -> None:
+        started["id"] = conversation_id
+        with service.store.session() as session:
+            session.get(EvalRun, run_id).conversation_id = conversation_id  # type: ignore[union-attr]
+
+    def on_turn(turn: SimulatedTurn) -> None:
+        r = turn.result
+        if r.ttft_ms is not None and r.error is None:
+            result.ttft_ms.append(r.ttft_ms)
+        outcomes = [(a, evaluate(a, turn.caller, r, context)) for a in suite.expect_each]
+        _store_outcomes(service, run_id, turn.index, outcomes)
+        result.outcomes += [(turn.index, a.kind, o) for a, o in outcomes]
+
+    caller = CallerPersona(goal=sim.goal, personality=sim.personality, turns=sim.turns, opening=sim.opening)
+    sim_result = simulate_call(service, result.persona, caller, params=gen, on_turn=on_turn, on_start=on_start)
+    if sim_result.error:
+        result.error = sim_result.error
+    return started.get("id")
+
+
+def _params(defaults: GenerationParams, overrides: dict[str, Any]) -> GenerationParams:
+    values = {
+        "temperature": defaults.temperature,
+        "top_p": defaults.top_p,
+        "max_tokens": defaults.max_tokens,
+        "stop": defaults.stop,
+        "seed": defaults.seed,
+    }
+    values.update(overrides)
+    return GenerationParams(**values)

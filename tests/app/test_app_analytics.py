@@ -1,0 +1,140 @@
+"""The Analytics, Dashboards and Reports pages through AppTest, on a store with a few real turns."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from callbot_core.backends.llm.ollama import OllamaBackend
+from callbot_core.conversations.service import ConversationService
+from callbot_core.settings import Settings
+from callbot_core.store import Store
+from callbot_core.store.models import AuditLog
+from tests.app.helpers import ADMIN_PW, PW, button, sign_in, titles, view
+from tests.fake_ollama import FakeOllama
+
+
+@pytest.fixture(scope="module")
+def with_turns(app_store: Store, fake_ollama: FakeOllama) -> Store:
+    backend = OllamaBackend(fake_ollama.url, default_model="smollm2:135m")
+    service = ConversationService(Settings(_env_file=None), backends=lambda name: backend)  # type: ignore[call-arg]
+    for persona, questions in (("receptionist", ["Opening hours?", "Parking?"]), ("support", ["Where is my parcel?"])):
+        info = service.start(persona, user_id=None)
+        for q in questions:
+            service.send(info.id, q).text()
+    return app_store
+
+
+def _analytics(username: str = "rita", password: str = PW):  # type: ignore[no-untyped-def]
+    at = sign_in(username, password)
+    at.switch_page(view("analytics")).run()
+    assert titles(at) == ["Analytics"], at.exception
+    return at
+
+
+def test_sql_console_runs_a_query_and_offers_downloads(with_turns: Store) -> None:
+    at = _analytics()
+    at.text_area(key="analytics_sql").input("select persona, count(*) as turns from turns group by 1 order by 1")
+    button(at, "Run").click()
+    at.run()
+    assert not at.exception, at.exception
+    frame = next(df.value for df in at.dataframe if "turns" in df.value.columns)
+    assert dict(zip(frame["persona"], frame["turns"], strict=True)) == {"receptionist": 2, "support": 1}
+    labels = [b.label for b in at.get("download_button")]
+    assert "Download CSV" in labels and "Download Parquet" in labels
+    assert at.get("plotly_chart")  # the quick chart builder drew the result
+
+
+def test_sql_console_refuses_writes(with_turns: Store) -> None:
+    at = _analytics()
+    at.text_area(key="analytics_sql").input("drop table messages")
+    button(at, "Run").click()
+    at.run()
+    assert at.error and "drop" in at.error[0].value.lower()
+    with with_turns.session() as session:
+        assert session.scalars(select(AuditLog).where(AuditLog.action == "sql.refused")).first() is not None
+
+
+def test_builtin_queries_load_and_run(with_turns: Store) -> None:
+    at = _analytics()
+    options = at.selectbox(key="analytics_canned").options
+    for index in range(len(options)):
+        at.selectbox(key="analytics_canned").select(index).run()
+        button(at, "Load into the editor").click()
+        at.run()
+        button(at, "Run").click()
+        at.run()
+        assert not at.error, (options[index], [e.value for e in at.error])
+
+
+def test_a_saved_query_can_be_shared(with_turns: Store) -> None:
+    at = _analytics()
+    at.text_area(key="analytics_sql").input("select count(*) as n from turns")
+    at.text_input(key="analytics_save_name").input("How many turns")
+    at.checkbox(key="analytics_save_shared").check()
+    button(at, "Save").click()
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    other = _analytics("admin", ADMIN_PW)
+    assert any("How many turns" in o and "rita" in o for o in other.selectbox(key="analytics_canned").options)
+
+
+def test_dashboards_draw_every_chart_and_export(with_turns: Store) -> None:
+    at = sign_in("vera", PW)  # viewers read dashboards too
+    at.switch_page(view("dashboards")).run()
+    assert titles(at) == ["Dashboards"], at.exception
+    assert len(at.get("plotly_chart")) == 12
+    button(at, "Export dashboard").click()
+    at.run()
+    labels = [b.label for b in at.get("download_button")]
+    assert "Download dashboard (HTML, works offline)" in labels
+    assert any(label.startswith("Download its data") for label in labels)
+
+
+def test_reports_page_runs_a_report_and_opens_it(with_turns: Store) -> None:
+    at = sign_in("rita", PW)
+    at.switch_page(view("reports")).run()
+    assert titles(at) == ["Reports"], at.exception
+    at.selectbox(key="reports_name").select("performance_report").run()
+    button(at, "Run report").click()
+    at.run(timeout=300)
+    assert not at.exception, at.exception
+    assert any("finished" in s.value for s in at.success), [e.value for e in at.error]
+    assert any(b.label == "Download the report (HTML)" for b in at.get("download_button"))
+
+
+def test_leaderboard_shows_the_table_and_pivot_and_promotes(with_turns: Store) -> None:
+    from callbot_core.store.models import EvalResult, EvalRun, Persona, PersonaVersion
+
+    with with_turns.session() as s:
+        version = s.scalar(
+            select(PersonaVersion).join(Persona, Persona.id == PersonaVersion.persona_id)
+            .where(Persona.key == "receptionist", PersonaVersion.version == 1)
+        )  # fmt: skip
+        run = EvalRun(batch="lb", suite="receptionist", persona_version_id=version.id, params={"temperature": 0.2},
+                      status="passed")  # fmt: skip
+        s.add(run)
+        s.flush()
+        s.add_all([EvalResult(eval_run_id=run.id, turn_index=0, kind="contains", passed=True, detail=""),
+                   EvalResult(eval_run_id=run.id, turn_index=0, kind="regex", passed=False, detail="")])  # fmt: skip
+
+    viewer = sign_in("vera", PW)  # viewers see the leaderboard, but cannot promote
+    viewer.switch_page(view("leaderboard")).run()
+    assert titles(viewer) == ["Leaderboard"], viewer.exception
+    assert len(viewer.dataframe) == 2 and not [b for b in viewer.button if b.label == "Promote to production"]
+    table = viewer.dataframe[0].value
+    row = table[table["version"] == "receptionist@1"].iloc[0]
+    assert row["params"] == '{"temperature": 0.2}' and row["pass_rate"] == 0.5 and row["assertions"] == 2
+
+    at = sign_in("rita", PW)
+    at.switch_page(view("leaderboard")).run()
+    assert titles(at) == ["Leaderboard"], at.exception
+    at.selectbox(key="lb_promote").select("receptionist@1").run()
+    button(at, "Promote to production").click()
+    at.run()
+    assert not at.error and [s.value for s in at.success] == ["receptionist@1 is now the production version."]
+    table = at.dataframe[0].value  # the page ran again: the table shows the label where it now is
+    assert bool(table[table["version"] == "receptionist@1"].iloc[0]["production"]) is True
+    with with_turns.session() as s:
+        persona = s.scalar(select(Persona).where(Persona.key == "receptionist"))
+        assert persona.production_version_id == version.id

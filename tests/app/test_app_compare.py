@@ -1,0 +1,72 @@
+"""The Compare page through AppTest: start a comparison on the fake Ollama, send a turn, vote, blind mode."""
+
+from __future__ import annotations
+
+from streamlit.testing.v1 import AppTest
+
+from callbot_core.experiments.comparisons import get_comparison
+from callbot_core.store import Store
+from tests.app.helpers import PW, button, known_pages_error, sign_in, titles, view
+
+REPLY = "Our hours are 8 to 6."
+
+
+def _start(app_store: Store, *, blind: bool) -> AppTest:
+    at = sign_in("rita", PW)
+    at.switch_page(view("compare")).run()
+    assert titles(at) == ["Compare"], at.exception
+    # receptionist@1 (the default persona, its only version) twice; B at temperature 0.2.
+    at.number_input(key="compare_temperature_1").set_value(0.2).run()
+    at.selectbox(key="compare_backend").select("ollama").run()
+    assert at.selectbox(key="compare_model_ollama").value == "smollm2:135m"
+    if blind:
+        at.toggle(key="compare_blind").set_value(True).run()
+    button(at, "Start comparison").click()
+    at.run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    at.chat_input(key="compare_input").set_value("When are you open?").run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    return at
+
+
+def _replies(at: AppTest) -> list[str]:
+    return [m.value for m in at.markdown if m.value == REPLY]
+
+
+def _headers(at: AppTest) -> list[str]:
+    return [m.value for m in at.markdown if m.value.startswith("**Variant")]
+
+
+def test_compare_two_variants_side_by_side_and_vote(app_store: Store) -> None:
+    at = _start(blind=False)
+    assert _replies(at) == [REPLY, REPLY]
+    assert any("TTFT" in m.value and "words" in m.value for m in at.markdown)
+    headers = _headers(at)
+    assert headers[0].startswith("**Variant A · receptionist@1**")
+    assert headers[1].startswith("**Variant B · receptionist@1 · temperature=0.2**")
+
+    button(at, "Prefer B").click()
+    at.run()
+    assert not at.exception and not at.error
+    assert any("preferred" in h for h in _headers(at)[1:])
+    cid = at.session_state["compare_comparison_id"]
+    detail = get_comparison(cid)
+    assert [v.votes for v in detail.variants] == [0, 1]
+    assert [v.params for v in detail.variants] == [{}, {"temperature": 0.2}]
+
+
+def test_blind_mode_hides_which_variant_is_which_until_the_vote(app_store: Store) -> None:
+    at = _start(blind=True)
+    assert _replies(at) == [REPLY, REPLY]
+    assert [h.split("**")[1] for h in _headers(at)] == ["Variant A", "Variant B"]
+    assert not any("receptionist@" in m.value for m in at.markdown)
+
+    button(at, "Prefer A").click()
+    at.run()
+    headers = _headers(at)
+    assert "receptionist@1" in headers[0] and "temperature=0.2" in headers[1]
+
+
+def test_viewers_cannot_open_compare(app_store: Store) -> None:
+    at = sign_in("vera", PW)
+    assert "compare.py'" not in known_pages_error(at, view("compare")).split("Known pages")[1]
