@@ -113,8 +113,6 @@ def report_list(limit: int) -> None:
     click.echo(table(["id", "report", "parameters", "by", "started", "finished", "status", "output / error"], rows))
 
 
-
-
 _SCHEDULES_OPTION = click.option(
     "--schedules",
     type=click.Path(dir_okay=False, path_type=Path),

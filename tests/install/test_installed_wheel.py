@@ -55,9 +55,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def test_the_installed_wheel_migrates_chats_and_reports_from_any_directory(
-    installed: Path, tmp_path: Path
-) -> None:
+def test_the_installed_wheel_migrates_chats_and_reports_from_any_directory(installed: Path, tmp_path: Path) -> None:
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = clean_env()
