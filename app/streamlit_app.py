@@ -19,7 +19,7 @@ import streamlit_authenticator as stauth  # noqa: E402
 from streamlit_authenticator.utilities import LoginError  # noqa: E402
 
 from app.common import USER_KEY, client_addr, settings, store  # noqa: E402
-from callbot_core import audit  # noqa: E402
+from callbot_core.access import audit  # noqa: E402
 from callbot_core.access.signin import AccountLocked, UserInfo, active_usernames, authenticate  # noqa: E402
 
 VIEWS = Path(__file__).parent / "views"

@@ -38,7 +38,7 @@ def test_right_password_signs_in_and_is_audited(app_store: Store) -> None:
     at = sign_in("admin", ADMIN_PW)
     assert titles(at) == ["Chat"]
     assert "Login" not in [b.label for b in at.button]
-    assert get_user_info("admin").last_login_at is not None
+    assert get_user_info(app_store, "admin").last_login_at is not None
     with app_store.session() as session:
         assert session.scalars(select(AuditLog).where(AuditLog.action == "login.ok")).first() is not None
 
@@ -47,14 +47,14 @@ def test_wrong_password_is_refused(app_store: Store) -> None:
     at = sign_in("rita", "not-the-password")
     assert "Username or password is incorrect." in [e.value for e in at.error]
     assert titles(at) == []
-    assert get_user_info("rita").failed_logins == 1
+    assert get_user_info(app_store, "rita").failed_logins == 1
     at = sign_in("rita", PW)  # a success resets the count
     assert titles(at) == ["Chat"]
-    assert get_user_info("rita").failed_logins == 0
+    assert get_user_info(app_store, "rita").failed_logins == 0
 
 
 def test_five_failures_lock_the_account_until_an_admin_unlocks_it(app_store: Store) -> None:
-    create_user("luke", PW, role="researcher")
+    create_user(app_store, "luke", PW, role="researcher")
     for _ in range(MAX_FAILED_LOGINS - 1):
         assert "Username or password is incorrect." in [e.value for e in sign_in("luke", "wrong-wrong").error]
     fifth = sign_in("luke", "wrong-wrong")
@@ -62,7 +62,7 @@ def test_five_failures_lock_the_account_until_an_admin_unlocks_it(app_store: Sto
     # Even the right password is refused while locked.
     locked = sign_in("luke", PW)
     assert any("is locked" in e.value for e in locked.error) and titles(locked) == []
-    assert get_user_info("luke").locked_until is not None
+    assert get_user_info(app_store, "luke").locked_until is not None
 
     admin = sign_in("admin", ADMIN_PW)
     admin.switch_page(str(Path(APP).parent / "views" / "admin.py")).run()
@@ -245,13 +245,13 @@ def test_admin_adds_a_user_changes_a_role_and_resets_a_password(app_store: Store
     button(at, "Add user").click()
     at.run()
     assert "User 'nina' added." in [s.value for s in at.success]
-    assert get_user_info("nina").role == "viewer"
+    assert get_user_info(app_store, "nina").role == "viewer"
 
     at.selectbox(key="admin_role_user").select("nina")
     at.selectbox(key="admin_role_role").select("researcher")
     button(at, "Change role").click()
     at.run()
-    assert get_user_info("nina").role == "researcher"
+    assert get_user_info(app_store, "nina").role == "researcher"
 
     at.selectbox(key="admin_pw_user").select("nina")
     at.text_input(key="admin_pw_password").input("short")

@@ -17,7 +17,7 @@ from tests.fake_ollama import FakeOllama
 @pytest.fixture(scope="module")
 def with_turns(app_store: Store, fake_ollama: FakeOllama) -> Store:
     backend = OllamaBackend(fake_ollama.url, default_model="smollm2:135m")
-    service = ConversationService(Settings(_env_file=None), backends=lambda name: backend)  # type: ignore[call-arg]
+    service = ConversationService(app_store, Settings(_env_file=None), backends=lambda name: backend)  # type: ignore[call-arg]
     for persona, questions in (("receptionist", ["Opening hours?", "Parking?"]), ("support", ["Where is my parcel?"])):
         info = service.start(persona, user_id=None)
         for q in questions:

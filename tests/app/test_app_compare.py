@@ -38,7 +38,7 @@ def _headers(at: AppTest) -> list[str]:
 
 
 def test_compare_two_variants_side_by_side_and_vote(app_store: Store) -> None:
-    at = _start(blind=False)
+    at = _start(app_store, blind=False)
     assert _replies(at) == [REPLY, REPLY]
     assert any("TTFT" in m.value and "words" in m.value for m in at.markdown)
     headers = _headers(at)
@@ -50,13 +50,13 @@ def test_compare_two_variants_side_by_side_and_vote(app_store: Store) -> None:
     assert not at.exception and not at.error
     assert any("preferred" in h for h in _headers(at)[1:])
     cid = at.session_state["compare_comparison_id"]
-    detail = get_comparison(cid)
+    detail = get_comparison(app_store, cid)
     assert [v.votes for v in detail.variants] == [0, 1]
     assert [v.params for v in detail.variants] == [{}, {"temperature": 0.2}]
 
 
 def test_blind_mode_hides_which_variant_is_which_until_the_vote(app_store: Store) -> None:
-    at = _start(blind=True)
+    at = _start(app_store, blind=True)
     assert _replies(at) == [REPLY, REPLY]
     assert [h.split("**")[1] for h in _headers(at)] == ["Variant A", "Variant B"]
     assert not any("receptionist@" in m.value for m in at.markdown)

@@ -17,7 +17,7 @@ def _personas(username: str = "rita", password: str = PW):  # type: ignore[no-un
 def test_edit_saves_a_new_version_and_the_old_one_stays(app_store: Store) -> None:
     at = _personas()
     at.selectbox(key="personas_key").select("tutor").run()
-    before = [v.version for v in list_versions("tutor")]
+    before = [v.version for v in list_versions(app_store, "tutor")]
     ref = f"tutor@{max(before)}"
     at.text_area(key=f"pe_prompt_{ref}").input("You are a strict French tutor. Correct every mistake.")
     at.number_input(key=f"pe_temp_{ref}").set_value(0.3)
@@ -28,9 +28,9 @@ def test_edit_saves_a_new_version_and_the_old_one_stays(app_store: Store) -> Non
     assert not at.exception, at.exception
     new = max(before) + 1
     assert f"Saved tutor@{new}." in [s.value for s in at.success]
-    assert get_version(f"tutor@{new}").temperature == 0.3
-    assert get_version(f"tutor@{new}").name == "Strict French tutor"
-    assert get_version(f"tutor@{max(before)}").system_prompt.startswith("You are a patient")
+    assert get_version(app_store, f"tutor@{new}").temperature == 0.3
+    assert get_version(app_store, f"tutor@{new}").name == "Strict French tutor"
+    assert get_version(app_store, f"tutor@{max(before)}").system_prompt.startswith("You are a patient")
     assert at.selectbox(key="personas_version_tutor").value == new  # the page shows the version just saved
 
     at.selectbox(key="personas_key").select("tutor").run()
@@ -43,7 +43,7 @@ def test_promote_clone_and_card_export(app_store: Store) -> None:
     at.selectbox(key="personas_key").select("sales").run()
     button(at, "Make sales@1 the production version").click()
     at.run()
-    assert production_version("sales").version == 1  # type: ignore[union-attr]
+    assert production_version(app_store, "sales").version == 1  # type: ignore[union-attr]
 
     at.text_input(key="pc_key").input("sales-b")
     at.text_input(key="pc_name").input("Sales, variant B")
@@ -76,7 +76,7 @@ def test_a_researcher_runs_a_suite_with_progress(app_store: Store, tmp_path, mon
         encoding="utf-8",
     )
     monkeypatch.setenv("CALLBOT_SUITES_DIR", str(suites))
-    fast = save_version("receptionist", {"max_tokens": 12}, note="short replies for a fast test")
+    fast = save_version(app_store, "receptionist", {"max_tokens": 12}, note="short replies for a fast test")
     at = _personas()
     at.selectbox(key="personas_key").select("receptionist").run()
     assert at.selectbox(key="ps_suite").options == ["tiny.yaml", "(uploaded file)"]
@@ -107,13 +107,13 @@ def test_the_edit_form_shows_the_selected_version(app_store: Store) -> None:
     """Switching persona or version refills the form: saving must never copy another version's fields."""
     from callbot_core.personas.versions import save_version
 
-    new = save_version("tutor", {"system_prompt": "Tutor, the newest version."})
+    new = save_version(app_store, "tutor", {"system_prompt": "Tutor, the newest version."})
     old = f"tutor@{new.version - 1}"
     at = _personas()
     at.selectbox(key="personas_key").select("sales").run()
-    assert at.text_area(key="pe_prompt_sales@1").value == get_version("sales@1").system_prompt
+    assert at.text_area(key="pe_prompt_sales@1").value == get_version(app_store, "sales@1").system_prompt
     at.selectbox(key="personas_key").select("tutor").run()
     assert at.text_area(key=f"pe_prompt_{new.ref}").value == "Tutor, the newest version."
     assert at.text_input(key=f"pe_name_{new.ref}").value == new.name
     at.selectbox(key="personas_version_tutor").select(new.version - 1).run()
-    assert at.text_area(key=f"pe_prompt_{old}").value == get_version(old).system_prompt
+    assert at.text_area(key=f"pe_prompt_{old}").value == get_version(app_store, old).system_prompt
