@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -28,9 +28,15 @@ run: install
 	$(BIN)/callbot db upgrade
 	$(BIN)/callbot app
 
+# Everything: the real models, the browser, PostgreSQL (CI fails rather than skips when one is missing).
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# While you work: no model, no browser, no wheel build (under 2 minutes). Markers are listed in pyproject.toml.
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not model and not browser and not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,18 +1,25 @@
-"""What every page shares: the engine objects, the signed-in user, and safe rendering.
+"""What every page shares: the engine objects, the signed-in user, running an action, the pickers, and safe
+rendering.
 
-Only this module and the page scripts import Streamlit; everything they do goes through callbot_core.
+Only this module and the page scripts import Streamlit; everything they do goes through callbot_core. Pages hide
+what the user's role cannot use (`allowed`), but the engine checks every action again and refuses with
+`PermissionDenied`; `run_action` shows that refusal, like any other engine error, as one line.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Final, TypeVar
 
 import streamlit as st
 
+from callbot_core.access import permissions
 from callbot_core.access.signin import UserInfo
+from callbot_core.backends.llm import available_backends
 from callbot_core.conversations.service import ConversationService
-from callbot_core.errors import CallbotError
+from callbot_core.errors import CallbotError, PermissionDenied
+from callbot_core.personas.catalog import PersonaChoice
 from callbot_core.settings import Settings, get_settings
 from callbot_core.store import Store, open_store
 
@@ -65,10 +72,89 @@ def current_user() -> UserInfo:
     return user
 
 
-def require(allowed: bool, what: str) -> None:
-    if not allowed:
-        st.error(f"Your role may not {what}.")
+def allowed(action: str) -> bool:
+    """Whether the signed-in user may do `action`: what a page shows or hides (the engine checks it again)."""
+    return permissions.allowed(current_user(), action)
+
+
+def require(action: str) -> None:
+    """Stop a page the signed-in user may not use (reached by a stale link) with the engine's one-line refusal."""
+    try:
+        permissions.require(current_user(), action)
+    except PermissionDenied as exc:
+        st.error(str(exc))
         st.stop()
+
+
+T = TypeVar("T")
+
+
+class Failed:
+    """What `run_action` returns when the engine refused or failed; the reason is already on the page."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "FAILED"
+
+
+FAILED: Final = Failed()
+
+
+def run_action(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T | Failed:
+    """Call an engine function for a button or form: a refusal (`PermissionDenied`) or any other engine error is
+    shown as one `st.error` line and `FAILED` is returned, so the page goes on drawing; anything else is a bug
+    and propagates."""
+    try:
+        return fn(*args, **kwargs)
+    except CallbotError as exc:
+        st.error(str(exc))
+        return FAILED
+
+
+# -- pickers: the same persona, version, backend and model choosers on every page --------------------
+
+DEFAULT_PERSONA = "receptionist"
+ALL = "All"
+
+
+def persona_picker(catalog: Sequence[PersonaChoice], *, key: str, where: Any = st) -> PersonaChoice:
+    """A persona (shown as "Name (key)"), the receptionist first chosen; `where` is a column or `st`."""
+    keys = [p.key for p in catalog]
+    index = keys.index(DEFAULT_PERSONA) if DEFAULT_PERSONA in keys else 0
+    return where.selectbox("Persona", catalog, index=index, format_func=lambda p: f"{p.name} ({p.key})", key=key)
+
+
+def version_picker(versions: Sequence[int], *, key: str, where: Any = st, label: str = "Version") -> int:
+    """One of a persona's version numbers, newest first. Key it by persona: a kept choice must not leak to another."""
+    return where.selectbox(label, list(reversed(versions)), key=key)
+
+
+def backend_picker(*, key: str, where: Any = st) -> str:
+    """A registered LLM backend, the configured one first chosen."""
+    backends = available_backends()
+    configured = settings().llm_backend
+    index = backends.index(configured) if configured in backends else 0
+    return where.selectbox("Backend", backends, index=index, key=key)
+
+
+def model_picker(backend: str, *, key: str, where: Any = st) -> str | None:
+    """One of `backend`'s models (None when it offers none); why it offers none is shown under the pickers.
+
+    Key it by backend: a model name kept from another backend would not be in this list.
+    """
+    models, error = backend_models(backend)
+    model = where.selectbox("Model", models, key=key, disabled=not models)
+    if error:
+        st.error(no_remote_images(error))
+    return model
+
+
+def filter_picker(label: str, options: Sequence[str], *, key: str, where: Any = st) -> str | None:
+    """A filter with "All" first: the chosen option, or None for all."""
+    choice = where.selectbox(label, [ALL, *options], key=key)
+    return None if choice == ALL else choice
 
 
 # User and model text goes to st.markdown / st.write_stream through `no_remote_images`. Streamlit renders

@@ -20,6 +20,7 @@ from streamlit_authenticator.utilities import LoginError  # noqa: E402
 
 from app.common import USER_KEY, client_addr, settings, store  # noqa: E402
 from callbot_core.access import audit  # noqa: E402
+from callbot_core.access.permissions import allowed  # noqa: E402
 from callbot_core.access.signin import AccountLocked, UserInfo, active_usernames, authenticate  # noqa: E402
 
 VIEWS = Path(__file__).parent / "views"
@@ -117,9 +118,11 @@ if user is None:
     st.stop()
 st.session_state[USER_KEY] = user
 
+# A page the role cannot use is not offered at all; the engine refuses its actions anyway.
 pages = []
-if user.can_chat:
+if allowed(user, "chat"):
     pages.append(st.Page(VIEWS / "chat.py", title="Chat", icon=":material/chat:", url_path="chat"))
+if allowed(user, "compare"):
     pages.append(st.Page(VIEWS / "compare.py", title="Compare", icon=":material/compare:", url_path="compare"))
 pages.append(
     st.Page(VIEWS / "conversations.py", title="Conversations", icon=":material/forum:", url_path="conversations")
@@ -129,7 +132,7 @@ pages.append(st.Page(VIEWS / "analytics.py", title="Analytics", icon=":material/
 pages.append(st.Page(VIEWS / "dashboards.py", title="Dashboards", icon=":material/monitoring:", url_path="dashboards"))
 pages.append(st.Page(VIEWS / "leaderboard.py", title="Leaderboard", icon=":material/trophy:", url_path="leaderboard"))
 pages.append(st.Page(VIEWS / "reports.py", title="Reports", icon=":material/description:", url_path="reports"))
-if user.is_admin:
+if allowed(user, "user.manage"):
     pages.append(st.Page(VIEWS / "admin.py", title="Admin", icon=":material/admin_panel_settings:", url_path="admin"))
 
 with st.sidebar:

@@ -38,7 +38,7 @@ from bench._common import ANSWERS, QUESTIONS, SUMMARIES, emit, median, peak_rss_
 from callbot_core.access.signin import ensure_admin  # noqa: E402
 from callbot_core.store import Store  # noqa: E402
 from callbot_core.store.models import Conversation, Message, Persona, PersonaVersion, TurnMetrics, User  # noqa: E402
-from tests.browser import (  # noqa: E402
+from tests.browser.helpers import (  # noqa: E402
     ADMIN_PASSWORD,
     ADMIN_USERNAME,
     chromium_missing_reason,

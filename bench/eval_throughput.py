@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import QUESTIONS, emit, peak_rss_mb  # noqa: E402
+from callbot_core.access.permissions import LOCAL_OPERATOR  # noqa: E402
 from callbot_core.backends.embeddings import default_embedder  # noqa: E402
 from callbot_core.backends.llm import get_backend  # noqa: E402
 from callbot_core.conversations.service import ConversationService  # noqa: E402
@@ -61,7 +62,9 @@ def main() -> None:
     store = Store(f"sqlite:///{tmp / 'bench.db'}")
     store.upgrade()
     seed_default_personas(store)
-    v2 = save_version(store, "receptionist", {"system_prompt": "You are a brief, friendly clinic receptionist."})
+    v2 = save_version(
+        store, "receptionist", {"system_prompt": "You are a brief, friendly clinic receptionist."}, actor=LOCAL_OPERATOR
+    )
     settings = Settings(_env_file=None, llm_backend="embedded", database_url=str(store.engine.url))  # type: ignore[call-arg]
     backend = get_backend("embedded", settings)
     service = ConversationService(store, settings, backends=lambda name: backend)
@@ -71,7 +74,15 @@ def main() -> None:
     grid = {"max_tokens": [args.max_tokens], "temperature": [0.2], "seed": [7]}
 
     # Warm-up: load the model and the embedder so neither mode pays for it.
-    run_suite(service, parse_suite(suite_text(1)), refs[:1], params_grid=grid, concurrency=1, context=context)
+    run_suite(
+        service,
+        parse_suite(suite_text(1)),
+        refs[:1],
+        params_grid=grid,
+        concurrency=1,
+        context=context,
+        actor=LOCAL_OPERATOR,
+    )
 
     # Modes alternate round by round so machine noise hits both alike; each mode reports its median round.
     timings: dict[int, list[float]] = {1: [], 2: []}
@@ -79,7 +90,9 @@ def main() -> None:
     for round_no in range(1, args.rounds + 1):
         for concurrency in (1, 2):
             started = time.perf_counter()
-            batch = run_suite(service, suite, refs, params_grid=grid, concurrency=concurrency, context=context)
+            batch = run_suite(
+                service, suite, refs, params_grid=grid, concurrency=concurrency, context=context, actor=LOCAL_OPERATOR
+            )
             elapsed = time.perf_counter() - started
             errors = [c.error for c in batch.cells if c.error]
             if errors:

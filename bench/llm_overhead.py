@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import emit, median, peak_rss_mb  # noqa: E402
+from callbot_core.access.permissions import LOCAL_OPERATOR  # noqa: E402
 from callbot_core.backends.llm import GenerationParams, get_backend  # noqa: E402
 from callbot_core.backends.llm.embedded import EmbeddedBackend  # noqa: E402
 from callbot_core.conversations.service import ConversationService  # noqa: E402
@@ -55,9 +56,10 @@ def main() -> None:
     params = GenerationParams(temperature=0.7, top_p=0.95, max_tokens=args.max_tokens, seed=1234)
 
     # The exact messages the service sends, so both paths evaluate the same prompt.
-    probe = service.start("receptionist")
+    probe = service.start("receptionist", actor=LOCAL_OPERATOR)
     messages = [
-        {"role": m.role, "content": m.content} for m in service.send(probe.id, QUESTION, params=params)._plan.messages
+        {"role": m.role, "content": m.content}
+        for m in service.send(probe.id, QUESTION, params=params, actor=LOCAL_OPERATOR).turn.messages
     ]
 
     def raw(*, reset: bool = True) -> tuple[float, list[float]]:
@@ -74,10 +76,10 @@ def main() -> None:
         return (stamps[0] - t0) * 1000, stamps
 
     def through_service() -> tuple[float, list[float]]:
-        conversation = service.start("receptionist")
+        conversation = service.start("receptionist", actor=LOCAL_OPERATOR)
         t0 = time.perf_counter()
         stamps = []
-        for _ in service.send(conversation.id, QUESTION, params=params):
+        for _ in service.send(conversation.id, QUESTION, params=params, actor=LOCAL_OPERATOR):
             stamps.append(time.perf_counter())
         return (stamps[0] - t0) * 1000, stamps
 

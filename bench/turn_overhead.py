@@ -3,8 +3,9 @@
 A backend that yields a fixed reply at once stands in for the model, so what is timed is validation,
 store reads, history trimming, prompt building, streaming bookkeeping and the one-transaction write.
 Conversations run 10 turns each so history grows as in real use. The baseline, in the same process and
-on the same database, is a bare SQLAlchemy Core insert of the same three rows in one transaction:
-`own_vs_insert_ratio` says how many bare writes one whole turn costs.
+on the same database, is a bare SQLAlchemy Core insert of the turn's three main rows in one transaction (a
+turn also writes one `turn_stages` row per stage): `own_vs_insert_ratio` says how many bare writes one whole
+turn costs.
 
 Prints p50/p95 in ms on SQLite and on PostgreSQL (the server of `CALLBOT_TEST_DATABASE_URL`, default the local
 server, in a database of its own, `callbot_bench`; reported as -1 when unreachable). Target:
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import insert  # noqa: E402
 
 from bench._common import emit, fresh_postgres_database, peak_rss_mb, percentile  # noqa: E402
+from callbot_core.access.permissions import LOCAL_OPERATOR  # noqa: E402
 from callbot_core.backends.llm.base import ChatMessage, GenerationParams, Health, Token, Usage, estimate_tokens  # noqa: E402
 from callbot_core.conversations.service import ConversationService  # noqa: E402
 from callbot_core.settings import Settings  # noqa: E402
@@ -79,17 +81,17 @@ def measure(store: Store, settings: Settings, conversations: int, turns: int) ->
     backend = FixedReply()
     service = ConversationService(store, settings, backends=lambda name: backend)
     for _ in range(3):  # warm-up: connection pool, statement caches
-        c = service.start("receptionist")
-        service.send(c.id, "warm up").text()
+        c = service.start("receptionist", actor=LOCAL_OPERATOR)
+        service.send(c.id, "warm up", actor=LOCAL_OPERATOR).text()
     own: list[float] = []
     for _ in range(conversations):
-        conv = service.start("receptionist")
+        conv = service.start("receptionist", actor=LOCAL_OPERATOR)
         for t in range(turns):
             t0 = time.perf_counter()
-            service.send(conv.id, f"Question number {t}: when are you open?").text()
+            service.send(conv.id, f"Question number {t}: when are you open?", actor=LOCAL_OPERATOR).text()
             own.append((time.perf_counter() - t0) * 1000)
     baseline: list[float] = []
-    conv = service.start("receptionist")
+    conv = service.start("receptionist", actor=LOCAL_OPERATOR)
     for t in range(len(own)):
         t0 = time.perf_counter()
         with store.engine.begin() as conn:

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     # Default: a SQLite file inside the runtime folder, so all runtime state lives under one setting.
     database_url: str | None = None
     secret_key: SecretStr | None = None
+    # The `admin` account's password when `callbot app` creates it; otherwise one is generated and printed once.
+    admin_password: SecretStr | None = None
 
     llm_backend: str = "embedded"
     llm_model: str | None = None
@@ -62,10 +64,14 @@ class Settings(BaseSettings):
 
     max_message_chars: int = Field(8000, ge=1)
 
-    # A folder of your own scenario suites, listed beside the shipped ones (a suite of the same name wins).
+    # A folder of your own scenario suites, listed on the Personas page instead of the shipped ones.
     suites_dir: Path | None = None
     # Another schedule for `callbot pipelines` than the shipped one (callbot_core/jobs/schedules.yaml).
     schedules_file: Path | None = None
+    # `callbot` acts as this stored user (their role applies, their name goes in the audit log) instead of the
+    # local operator; `callbot --as USERNAME` overrides it. Not a sign-in: whoever runs the CLI can read the store
+    # anyway; it is for acting with a smaller role and for attribution.
+    cli_user: str | None = None
 
     # Backend instances built from these settings (see registry.py): they live and die with this object.
     _backends: dict[tuple[str, str], tuple[object, object]] = PrivateAttr(default_factory=dict)

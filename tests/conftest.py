@@ -25,7 +25,10 @@ from callbot_core.store.seeds import seed_default_personas
 PG_URL = os.environ.get("CALLBOT_TEST_DATABASE_URL")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
-STORE_PARAMS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql")]
+STORE_PARAMS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -89,6 +92,13 @@ def settings(tmp_path: Path, store_url: str) -> Settings:
         llm_backend="embedded",
         embedded_n_ctx=2048,
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test that asks for the real model is a model test, whatever its module says.
+    for item in items:
+        if "embedded" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(scope="session")

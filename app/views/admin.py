@@ -5,15 +5,14 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.common import client_addr, current_user, require, service, store
+from app.common import FAILED, backend_picker, client_addr, current_user, require, run_action, service, store
 from callbot_core.access import audit
 from callbot_core.access.signin import create_user, list_users, reset_password, set_role, unlock
-from callbot_core.backends.llm import available_backends
 from callbot_core.errors import CallbotError
 from callbot_core.store.models import ROLES, utcnow
 
 user = current_user()
-require(user.is_admin, "administer the workbench")
+require("user.manage")
 st.title("Admin")
 
 
@@ -22,11 +21,7 @@ FLASH = "admin_flash"
 
 def _act(success: str, fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
     """Run an admin action; on success redraw the page so every list shows the change."""
-    try:
-        fn(*args, **kwargs)
-    except CallbotError as exc:
-        st.error(str(exc))
-    else:
+    if run_action(fn, *args, **kwargs) is not FAILED:
         st.session_state[FLASH] = success
         st.rerun()
 
@@ -80,7 +75,7 @@ with users_tab:
                 role=new_role,
                 display_name=new_display,
                 email=new_email or None,
-                actor=user.username,
+                actor=user,
             )
     with right:
         with st.form("admin_role"):
@@ -88,7 +83,7 @@ with users_tab:
             who = st.selectbox("User", names, key="admin_role_user")
             role = st.selectbox("New role", ROLES, key="admin_role_role")
             if st.form_submit_button("Change role"):
-                _act(f"{who} is now {role}.", set_role, store(), who, role, actor=user.username,
+                _act(f"{who} is now {role}.", set_role, store(), who, role, actor=user,
                      client_addr=client_addr())  # fmt: skip
         with st.form("admin_password", clear_on_submit=True):
             st.markdown("**Reset a password**")
@@ -96,18 +91,18 @@ with users_tab:
             password = st.text_input("New password", type="password", key="admin_pw_password")
             if st.form_submit_button("Reset password"):
                 _act(f"Password of {who_pw} reset.", reset_password, store(), who_pw, password,
-                     actor=user.username, client_addr=client_addr())  # fmt: skip
+                     actor=user, client_addr=client_addr())  # fmt: skip
         locked = [u.username for u in users if u.locked_until and u.locked_until > now]
         with st.form("admin_unlock"):
             st.markdown("**Unlock an account**")
             who_lock = st.selectbox("Locked user", locked, key="admin_unlock_user", placeholder="No locked accounts")
             if st.form_submit_button("Unlock", disabled=not locked):
-                _act(f"{who_lock} unlocked.", unlock, store(), who_lock, actor=user.username,
+                _act(f"{who_lock} unlocked.", unlock, store(), who_lock, actor=user,
                      client_addr=client_addr())  # fmt: skip
 
 with audit_tab:
     prefix = st.selectbox("Actions", ["all", "login.", "logout", "user.", "conversation."], key="admin_audit_prefix")
-    entries = audit.recent(store(), limit=500, action_prefix=None if prefix == "all" else prefix)
+    entries = audit.recent(store(), actor=user, limit=500, action_prefix=None if prefix == "all" else prefix)
     st.dataframe(
         pd.DataFrame(
             [
@@ -129,12 +124,8 @@ with audit_tab:
 
 with backend_tab:
     svc = service()
-    backends = available_backends()
-    configured = svc.settings.llm_backend
-    name = st.selectbox(
-        "Backend", backends, index=backends.index(configured) if configured in backends else 0, key="admin_backend"
-    )
-    st.caption(f"Configured default: **{configured}**")
+    name = backend_picker(key="admin_backend")
+    st.caption(f"Configured default: **{svc.settings.llm_backend}**")
     try:
         llm = svc.backend(name)
         health = llm.health()

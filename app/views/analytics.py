@@ -6,11 +6,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app.common import analytics, client_addr, current_user, store
+from app.common import FAILED, allowed, analytics, client_addr, current_user, run_action, store
 from callbot_core.analytics import VIEW_DOCS
 from callbot_core.analytics.charts import table_bytes
 from callbot_core.analytics.saved import delete_query, list_queries, save_query
-from callbot_core.errors import CallbotError
 
 SQL = "analytics_sql"
 RESULT = "analytics_result"
@@ -41,15 +40,14 @@ with right:
         if st.button("Load into the editor", key="analytics_load"):
             st.session_state[SQL] = chosen.sql
             st.rerun()
-        may_delete = not chosen.builtin and (chosen.owner == user.username or user.is_admin)
-        if may_delete and st.button("Delete this saved query", key="analytics_delete"):
-            try:
-                delete_query(store(), chosen.id, user_id=user.id, is_admin=user.is_admin)  # type: ignore[arg-type]
-            except CallbotError as exc:
-                st.error(str(exc))
-            else:
-                st.session_state.pop("analytics_canned", None)
-                st.rerun()
+        may_delete = not chosen.builtin and (chosen.owner == user.username or allowed("query.delete_others"))
+        if (
+            may_delete
+            and st.button("Delete this saved query", key="analytics_delete")
+            and run_action(delete_query, store(), chosen.id, actor=user) is not FAILED  # type: ignore[arg-type]
+        ):
+            st.session_state.pop("analytics_canned", None)
+            st.rerun()
     with st.expander("Views you can query"):
         for view in VIEW_DOCS:
             st.markdown(f"**`{view.name}`** — {view.description}")
@@ -61,11 +59,9 @@ with left:
     c1, c2, c3 = st.columns([1, 1, 2])
     max_rows = c2.number_input("Rows shown", min_value=10, max_value=10_000, value=1000, step=100, key="analytics_rows")
     if c1.button("Run", type="primary", key="analytics_run"):
-        try:
-            result = analytics().query(sql, max_rows=int(max_rows), actor=user.username, client_addr=client_addr())
-        except CallbotError as exc:
+        result = run_action(analytics().query, sql, max_rows=int(max_rows), actor=user, client_addr=client_addr())
+        if result is FAILED:
             st.session_state.pop(RESULT, None)
-            st.error(str(exc))
         else:
             st.session_state[RESULT] = result
 
@@ -75,12 +71,11 @@ with left:
         shared = st.checkbox("Share with every user", key="analytics_save_shared")
         overwrite = st.checkbox("Replace my query with this name", key="analytics_save_overwrite")
         if st.form_submit_button("Save"):
-            try:
-                save_query(store(), user.id, name, sql, description=description, shared=shared, overwrite=overwrite)
-            except CallbotError as exc:
-                st.error(str(exc))
-            else:
-                st.toast(f"Saved {name.strip()!r}")
+            saved = run_action(
+                save_query, store(), name, sql, actor=user, description=description, shared=shared, overwrite=overwrite
+            )
+            if saved is not FAILED:
+                st.toast(f"Saved {saved.name!r}")
 
 result = st.session_state.get(RESULT)
 if result is not None:

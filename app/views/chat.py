@@ -5,16 +5,18 @@ from __future__ import annotations
 import streamlit as st
 
 from app.common import (
-    backend_models,
+    backend_picker,
     current_user,
     metric_chips,
+    model_picker,
     no_remote_images,
     no_remote_images_stream,
+    persona_picker,
     require,
     service,
     store,
+    version_picker,
 )
-from callbot_core.backends.llm import available_backends
 from callbot_core.conversations.transcripts import get_conversation
 from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.personas.catalog import persona_catalog
@@ -24,7 +26,7 @@ RETRY = "chat_retry_text"
 SUMMARIES = "chat_summaries"
 
 user = current_user()
-require(user.can_chat, "chat")
+require("chat")
 svc = service()
 
 st.title("Chat")
@@ -37,28 +39,17 @@ if not catalog:
 
 with st.container(border=True):
     c1, c2, c3, c4 = st.columns([3, 1, 2, 3])
-    keys = [p.key for p in catalog]
-    default_key = keys.index("receptionist") if "receptionist" in keys else 0
-    choice = c1.selectbox(
-        "Persona", catalog, index=default_key, format_func=lambda p: f"{p.name} ({p.key})", key="chat_persona"
-    )
-    version = c2.selectbox("Version", list(reversed(choice.versions)), key=f"chat_version_{choice.key}")
-    backends = available_backends()
-    configured = svc.settings.llm_backend
-    backend = c3.selectbox(
-        "Backend", backends, index=backends.index(configured) if configured in backends else 0, key="chat_backend"
-    )
-    models, model_error = backend_models(backend)
-    model = c4.selectbox("Model", models, key=f"chat_model_{backend}", disabled=not models)
-    if model_error:
-        st.error(no_remote_images(model_error))
+    choice = persona_picker(catalog, key="chat_persona", where=c1)
+    version = version_picker(choice.versions, key=f"chat_version_{choice.key}", where=c2)
+    backend = backend_picker(key="chat_backend", where=c3)
+    model = model_picker(backend, key=f"chat_model_{backend}", where=c4)
     start = st.button(
-        "New conversation", type="primary", disabled=not models, help="Start talking to this persona version"
+        "New conversation", type="primary", disabled=model is None, help="Start talking to this persona version"
     )
 
 if start:
     try:
-        info = svc.start(f"{choice.key}@{version}", user_id=user.id, backend=backend, model=model)
+        info = svc.start(f"{choice.key}@{version}", actor=user, backend=backend, model=model)
     except CallbotError as exc:
         st.error(str(exc))
     else:
@@ -96,7 +87,7 @@ def _run_turn(text: str) -> None:
     with st.chat_message("user"):
         st.markdown(no_remote_images(text))
     try:
-        turn = svc.send(cid, text)
+        turn = svc.send(cid, text, actor=user)
     except InvalidInput as exc:
         st.warning(f"Not sent: {exc}")
         return
@@ -131,7 +122,7 @@ if active:
     if st.button("End conversation", key="chat_end", help="End the call and write its summaries"):
         with st.spinner("Writing the summaries…"):
             try:
-                summaries = svc.end(cid)
+                summaries = svc.end(cid, actor=user)
             except CallbotError as exc:
                 st.error(f"The conversation ended, but its summaries could not be written: {exc}")
             else:

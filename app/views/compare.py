@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.common import backend_models, current_user, metric_chips, no_remote_images, require, service, store
-from callbot_core.backends.llm import available_backends
+from app.common import (
+    backend_picker,
+    current_user,
+    metric_chips,
+    model_picker,
+    no_remote_images,
+    persona_picker,
+    require,
+    service,
+    store,
+    version_picker,
+)
 from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.experiments.comparisons import (
     MAX_VARIANTS,
@@ -19,12 +29,13 @@ from callbot_core.experiments.comparisons import (
     vote,
 )
 from callbot_core.personas.catalog import persona_catalog
+from callbot_core.personas.fields import TEMPERATURE
 
 CMP = "compare_comparison_id"
 NOTICE = "compare_notice"
 
 user = current_user()
-require(user.can_chat, "compare personas")
+require("compare")
 svc = service()
 
 st.title("Compare")
@@ -36,8 +47,6 @@ def _setup() -> None:
     if not catalog:
         st.warning("No personas yet: run `callbot db upgrade` to seed the defaults.")
         st.stop()
-    keys = [p.key for p in catalog]
-    default_key = keys.index("receptionist") if "receptionist" in keys else 0
     with st.container(border=True):
         count = st.number_input(
             "Variants", min_value=MIN_VARIANTS, max_value=MAX_VARIANTS, value=MIN_VARIANTS, step=1, key="compare_count"
@@ -47,20 +56,12 @@ def _setup() -> None:
             label = chr(ord("A") + i)
             with column:
                 st.markdown(f"**Variant {label}**")
-                choice = st.selectbox(
-                    "Persona",
-                    catalog,
-                    index=default_key,
-                    format_func=lambda p: f"{p.name} ({p.key})",
-                    key=f"compare_persona_{i}",
-                )
-                version = st.selectbox(
-                    "Version", list(reversed(choice.versions)), key=f"compare_version_{i}_{choice.key}"
-                )
+                choice = persona_picker(catalog, key=f"compare_persona_{i}")
+                version = version_picker(choice.versions, key=f"compare_version_{i}_{choice.key}")
                 temperature = st.number_input(
                     "Temperature",
-                    min_value=0.0,
-                    max_value=2.0,
+                    min_value=TEMPERATURE.low,
+                    max_value=TEMPERATURE.high,
                     value=None,
                     step=0.1,
                     placeholder="the version's own",
@@ -70,26 +71,16 @@ def _setup() -> None:
             params = {"temperature": round(float(temperature), 2)} if temperature is not None else None
             variants.append(Variant(f"{choice.key}@{version}", params))
         c1, c2, c3 = st.columns([2, 3, 3])
-        backends = available_backends()
-        configured = svc.settings.llm_backend
-        backend = c1.selectbox(
-            "Backend",
-            backends,
-            index=backends.index(configured) if configured in backends else 0,
-            key="compare_backend",
-        )
-        models, model_error = backend_models(backend)
-        model = c2.selectbox("Model", models, key=f"compare_model_{backend}", disabled=not models)
+        backend = backend_picker(key="compare_backend", where=c1)
+        model = model_picker(backend, key=f"compare_model_{backend}", where=c2)
         title = c3.text_input("Title (optional)", key="compare_title", max_chars=200)
-        if model_error:
-            st.error(no_remote_images(model_error))
         blind = st.toggle(
             "Blind", key="compare_blind", help="Hide which variant is which until you have voted on a turn"
         )
-        if st.button("Start comparison", type="primary", disabled=not models, key="compare_start"):
+        if st.button("Start comparison", type="primary", disabled=model is None, key="compare_start"):
             try:
                 info = start_comparison(
-                    svc, variants, user_id=user.id, title=title, blind=blind, backend=backend, model=model
+                    svc, variants, actor=user, title=title, blind=blind, backend=backend, model=model
                 )
             except CallbotError as exc:
                 st.error(str(exc))
@@ -145,7 +136,7 @@ def _show(detail: ComparisonDetail) -> None:
                         disabled=chosen == variant.id,
                     ):
                         try:
-                            vote(store(), detail.id, turn.index, variant.id, voter_id=user.id)
+                            vote(store(), detail.id, turn.index, variant.id, actor=user)
                         except CallbotError as exc:
                             st.session_state[NOTICE] = str(exc)
                         st.rerun()
@@ -187,7 +178,7 @@ prompt = st.chat_input("Say the same thing to every variant", key="compare_input
 if prompt:
     with st.spinner("Waiting for every variant…"):
         try:
-            send_turn(svc, detail.id, prompt)
+            send_turn(svc, detail.id, prompt, actor=user)
         except InvalidInput as exc:
             st.warning(f"Not sent: {exc}")
             st.stop()

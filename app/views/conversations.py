@@ -9,7 +9,18 @@ from itertools import groupby
 import pandas as pd
 import streamlit as st
 
-from app.common import client_addr, current_user, fmt_ms, metric_chips, no_remote_images, store
+from app.common import (
+    FAILED,
+    allowed,
+    client_addr,
+    current_user,
+    filter_picker,
+    fmt_ms,
+    metric_chips,
+    no_remote_images,
+    run_action,
+    store,
+)
 from callbot_core.access.signin import list_users
 from callbot_core.conversations.transcripts import (
     delete_conversation,
@@ -33,13 +44,13 @@ usernames = [u.username for u in list_users(store())]
 
 with st.container(border=True):
     f1, f2, f3, f4 = st.columns([2, 2, 3, 2])
-    persona = f1.selectbox("Persona", ["All", *[p.key for p in catalog]], key="conv_persona")
-    who = f2.selectbox("User", ["All", *usernames], key="conv_user")
+    persona = filter_picker("Persona", [p.key for p in catalog], key="conv_persona", where=f1)
+    who = filter_picker("User", usernames, key="conv_user", where=f2)
     today = datetime.now(UTC).date()
     dates = f3.date_input(
         "Started between", (today - timedelta(days=30), today), max_value=today, key="conv_dates", format="YYYY-MM-DD"
     )
-    status = f4.selectbox("Status", ["All", "active", "ended"], key="conv_status")
+    status = filter_picker("Status", ["active", "ended"], key="conv_status", where=f4)
     query = st.text_input("Search messages and summaries", key="conv_search", placeholder="a word from the call")
 
 since = until = None
@@ -59,9 +70,9 @@ if query.strip():
 page = st.session_state.get("conv_page", 0)
 rows = list_conversations(
     store(),
-    persona=None if persona == "All" else persona,
-    username=None if who == "All" else who,
-    status=None if status == "All" else status,
+    persona=persona,
+    username=who,
+    status=status,
     since=since,
     until=until,
     ids=ids,
@@ -173,15 +184,12 @@ if open_id is not None and rows and open_id in {r.id for r in rows}:
                 else:
                     st.caption(meta)
 
-    if user.is_admin:
+    if allowed("conversation.delete"):
         with st.expander("Delete this conversation"):
             confirm = st.checkbox(f"Yes, delete conversation {r.id} and all its messages", key="conv_delete_ok")
             if st.button("Delete", type="primary", disabled=not confirm, key="conv_delete"):
-                try:
-                    delete_conversation(store(), r.id, actor=user.username, client_addr=client_addr())
-                except CallbotError as exc:
-                    st.error(str(exc))
-                else:
+                done = run_action(delete_conversation, store(), r.id, actor=user, client_addr=client_addr())
+                if done is not FAILED:
                     st.session_state.pop(OPEN, None)
                     st.session_state.pop(EXPORT, None)
                     st.toast(f"Conversation {r.id} deleted")

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, time, timedelta
 
 import streamlit as st
 
-from app.common import analytics, client_addr, current_user, store
+from app.common import analytics, client_addr, current_user, filter_picker, store
 from callbot_core.access import audit
 from callbot_core.analytics import DashboardFilters, dashboard_data
 from callbot_core.analytics.charts import dashboard_figures, dashboard_html, dashboard_table, table_bytes
@@ -26,8 +26,8 @@ with st.container(border=True):
         "Conversations started between", (today - timedelta(days=30), today), max_value=today,
         key="dash_dates", format="YYYY-MM-DD",
     )  # fmt: skip
-    persona = f2.selectbox("Persona", ["All", *[p.key for p in persona_catalog(store())]], key="dash_persona")
-    backend = f3.selectbox("Backend", ["All", *available_backends()], key="dash_backend")
+    persona = filter_picker("Persona", [p.key for p in persona_catalog(store())], key="dash_persona", where=f2)
+    backend = filter_picker("Backend", available_backends(), key="dash_backend", where=f3)
 
 since = until = None
 if isinstance(dates, tuple | list) and len(dates) == 2:
@@ -36,11 +36,11 @@ if isinstance(dates, tuple | list) and len(dates) == 2:
 filters = DashboardFilters(
     since=since,
     until=until,
-    persona=None if persona == "All" else persona,
-    backend=None if backend == "All" else backend,
+    persona=persona,
+    backend=backend,
 )
 subtitle = (
-    f"{dates[0]} to {dates[-1]} · persona {persona} · backend {backend}"
+    f"{dates[0]} to {dates[-1]} · persona {persona or 'All'} · backend {backend or 'All'}"
     if isinstance(dates, tuple | list) and dates
     else ""
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.common import analytics, current_user, store
+from app.common import FAILED, allowed, analytics, current_user, run_action, store
 from callbot_core.errors import CallbotError
 from callbot_core.personas.versions import set_production
 
@@ -55,16 +55,12 @@ st.subheader("Pass rate by version and parameters")
 pivot = board.pivot_table(index="version", columns="params", values="pass_rate", aggfunc="mean", dropna=False)
 st.dataframe(pivot, width="stretch", column_config={c: st.column_config.NumberColumn(format="%.2f") for c in pivot})
 
-if user.role in ("admin", "researcher"):
+if allowed("persona.promote"):
     st.subheader("Promote to production")
     c1, c2 = st.columns([3, 1])
     choice = c1.selectbox("Version", sorted(board["version"].unique()), key="lb_promote")
-    if c2.button("Promote to production", key="lb_promote_btn", disabled=not choice):
-        try:
-            set_production(store(), choice, actor=user.username)
-        except CallbotError as exc:
-            st.error(str(exc))
-        else:
-            # Rerun so the table above shows the label where it now is.
-            st.session_state[NOTICE] = f"{choice} is now the production version."
-            st.rerun()
+    promote = c2.button("Promote to production", key="lb_promote_btn", disabled=not choice)
+    if promote and run_action(set_production, store(), choice, actor=user) is not FAILED:
+        # Rerun so the table above shows the label where it now is.
+        st.session_state[NOTICE] = f"{choice} is now the production version."
+        st.rerun()

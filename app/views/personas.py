@@ -7,12 +7,23 @@ import json
 import pandas as pd
 import streamlit as st
 
-from app.common import current_user, no_remote_images, service, store
+from app.common import (
+    DEFAULT_PERSONA,
+    FAILED,
+    allowed,
+    current_user,
+    no_remote_images,
+    run_action,
+    service,
+    store,
+    version_picker,
+)
 from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.experiments.evals import load_suite, parse_suite, run_suite
 from callbot_core.experiments.evals.runner import format_params
 from callbot_core.experiments.evals.suite import suite_files
 from callbot_core.personas.catalog import all_personas
+from callbot_core.personas.fields import MAX_TOKENS, TEMPERATURE, TOP_P
 from callbot_core.personas.versions import (
     archive_persona,
     clone_persona,
@@ -33,16 +44,15 @@ SELECT = "personas_select"  # (key, version) to show after the rerun that follow
 UPLOADED = "(uploaded file)"
 
 user = current_user()
-may_edit = user.can_chat
+may_edit = allowed("persona.edit")
+may_promote = allowed("persona.promote")
 st.title("Personas")
 
 
 def _act(success: str, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
     """Run a change; on success redraw so every list shows it, with a message that survives the rerun."""
-    try:
-        result = fn(*args, **kwargs)
-    except CallbotError as exc:
-        st.error(str(exc))
+    result = run_action(fn, *args, **kwargs)
+    if result is FAILED:
         return None
     st.session_state[FLASH] = success.format(result=result)
     if hasattr(result, "key") and hasattr(result, "version"):
@@ -82,12 +92,12 @@ if pending := st.session_state.pop(SELECT, None):
     st.session_state[f"personas_version_{pending[0]}"] = pending[1]
 if st.session_state.get("personas_key") not in keys:
     # The default lives in session state, not in index=: Streamlit warns when a widget gets both.
-    st.session_state["personas_key"] = "receptionist" if "receptionist" in keys else keys[0]
+    st.session_state["personas_key"] = DEFAULT_PERSONA if DEFAULT_PERSONA in keys else keys[0]
 key = st.selectbox("Persona", keys, key="personas_key")
 summary = next(p for p in personas if p.key == key)
 versions = list_versions(store(), key)
 numbers = [v.version for v in reversed(versions)]
-number = st.selectbox("Version", numbers, key=f"personas_version_{key}")
+number = version_picker([v.version for v in versions], key=f"personas_version_{key}")
 current = get_version(store(), f"{key}@{number}")
 
 tags = []
@@ -152,9 +162,13 @@ with edit_tab:
             system_prompt = st.text_area("System prompt", current.system_prompt, height=180, key=_pe("prompt"))
             greeting = st.text_input("Greeting", current.greeting, key=_pe("greeting"))
             c1, c2, c3 = st.columns(3)
-            temperature = c1.number_input("Temperature", 0.0, 2.0, float(current.temperature), 0.05, key=_pe("temp"))
-            top_p = c2.number_input("Top p", 0.01, 1.0, float(current.top_p), 0.01, key=_pe("top_p"))
-            max_tokens = c3.number_input("Max tokens", 1, 4096, int(current.max_tokens), key=_pe("max_tokens"))
+            temperature = c1.number_input(
+                "Temperature", TEMPERATURE.low, TEMPERATURE.high, float(current.temperature), 0.05, key=_pe("temp")
+            )
+            top_p = c2.number_input("Top p", TOP_P.input_min, TOP_P.high, float(current.top_p), 0.01, key=_pe("top_p"))
+            max_tokens = c3.number_input(
+                "Max tokens", int(MAX_TOKENS.low), int(MAX_TOKENS.high), int(current.max_tokens), key=_pe("max_tokens")
+            )
             stop = st.text_input("Stop words (comma separated)", ", ".join(current.stop_words), key=_pe("stop"))
             c4, c5, c6 = st.columns(3)
             backend = c4.text_input("Backend (empty: configured)", current.backend or "", key=_pe("backend"))
@@ -183,7 +197,7 @@ with edit_tab:
                         "voice": voice.strip() or None,
                         "tags": [t.strip() for t in tag_text.split(",") if t.strip()],
                     },
-                    actor=user.username,
+                    actor=user,
                     note=note,
                 )
 
@@ -208,20 +222,22 @@ with manage_tab:
     if not may_edit:
         st.info("Viewers read personas; researchers and admins manage them.")
     else:
-        if not current.production and st.button(f"Make {current.ref} the production version", key="personas_promote"):
-            _act("{result.ref} is now production.", set_production, store(), current.ref, actor=user.username)
+        if (
+            may_promote
+            and not current.production
+            and st.button(f"Make {current.ref} the production version", key="personas_promote")
+        ):
+            _act("{result.ref} is now production.", set_production, store(), current.ref, actor=user)
         with st.form("personas_clone", clear_on_submit=True):
             st.markdown(f"**Clone {current.ref}**")
             new_key = st.text_input("New key", key="pc_key")
             new_name = st.text_input("New name", key="pc_name")
             if st.form_submit_button("Clone"):
-                _act(
-                    "Created {result.ref}.", clone_persona, store(), current.ref, new_key, new_name, actor=user.username
-                )
+                _act("Created {result.ref}.", clone_persona, store(), current.ref, new_key, new_name, actor=user)
         label = "Restore from the archive" if summary.archived else "Archive this persona"
         if st.button(label, key="personas_archive"):
             _act(f"{key} {'restored' if summary.archived else 'archived'}.", archive_persona, store(), key,
-                 archived=not summary.archived, actor=user.username)  # fmt: skip
+                 archived=not summary.archived, actor=user)  # fmt: skip
         with st.form("personas_create", clear_on_submit=True):
             st.markdown("**New persona**")
             n_key = st.text_input("Key", key="pn_key")
@@ -231,7 +247,7 @@ with manage_tab:
             n_greeting = st.text_input("Greeting", key="pn_greeting")
             if st.form_submit_button("Create persona"):
                 _act("Created {result.ref}.", create_persona, store(), n_key, n_name, n_description,
-                     system_prompt=n_prompt, greeting=n_greeting, actor=user.username)  # fmt: skip
+                     system_prompt=n_prompt, greeting=n_greeting, actor=user)  # fmt: skip
 
 with card_tab:
     card = json.dumps(export_card(store(), current.ref), indent=2, ensure_ascii=False)
@@ -240,7 +256,7 @@ with card_tab:
     if may_edit:
         upload = st.file_uploader("Import a Character Card V2 (JSON)", type=["json"], key="personas_import")
         if upload is not None and st.button("Import", key="personas_import_go"):
-            _act("Imported {result.ref}.", import_card, store(), upload.getvalue(), actor=user.username)
+            _act("Imported {result.ref}.", import_card, store(), upload.getvalue(), actor=user)
 
 
 def _temperatures(text: str) -> list[float]:
@@ -254,7 +270,7 @@ def _temperatures(text: str) -> list[float]:
 
 
 with suites_tab:
-    if not may_edit:
+    if not allowed("suite.run"):
         st.info("Viewers read suite results; researchers and admins run suites.")
     else:
         st.caption(f"Run a scenario suite against versions of {key}: every version × temperature × repeat is one case.")
@@ -290,7 +306,7 @@ with suites_tab:
                     [f"{key}@{n}" for n in sorted(chosen)],
                     params_grid={"temperature": temps} if temps else None,
                     repeat=int(repeat),
-                    created_by=user.username,
+                    actor=user,
                     progress=_progress,
                 )
             except CallbotError as exc:

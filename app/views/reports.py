@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 import streamlit.components.v1 as components
 
-from app.common import current_user, settings, store
+from app.common import FAILED, allowed, current_user, run_action, settings, store
 from callbot_core.errors import CallbotError
 from callbot_core.jobs.reports import REPORTS, get_run, list_runs, report_parameters, run_report
 
@@ -17,12 +17,13 @@ OPEN = "reports_open_id"
 user = current_user()
 st.title("Reports")
 
-if user.can_chat:
+may_run = allowed("report.run")
+if may_run:
     with st.expander("Run a report", expanded=False):
         name = st.selectbox("Report", sorted(REPORTS), key="reports_name")
         defaults = report_parameters(name)
-        if not user.is_admin:
-            # Pointing a report at another database is an admin's call: it reads whatever that URL reaches.
+        if not allowed("report.other_database"):
+            # Hidden for those the engine would refuse it: it reads whatever that URL reaches.
             defaults.pop("database_url", None)
         values: dict[str, str] = {}
         columns = st.columns(max(1, len(defaults)))
@@ -38,12 +39,8 @@ if user.can_chat:
                 bar.progress(done / total if total else 1.0, text=f"Cell {done} of {total}")
 
             params = {k: v for k, v in values.items() if v.strip()}
-            try:
-                run = run_report(store(), name, params, requested_by=user.username, progress=_progress,
-                                 settings=settings())  # fmt: skip
-            except CallbotError as exc:
-                st.error(str(exc))
-            else:
+            run = run_action(run_report, store(), name, params, actor=user, progress=_progress, settings=settings())
+            if run is not FAILED:
                 bar.progress(1.0, text="Done")
                 st.session_state[OPEN] = run.id
                 if run.status == "failed":
@@ -53,9 +50,7 @@ if user.can_chat:
 
 runs = list_runs(store(), limit=200)
 if not runs:
-    st.info(
-        "No report runs yet." + (" Run one above, or `callbot report run performance_report`." if user.can_chat else "")
-    )
+    st.info("No report runs yet." + (" Run one above, or `callbot report run performance_report`." if may_run else ""))
     st.stop()
 
 st.dataframe(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from callbot_core.access.permissions import Actor, require
 from callbot_core.store.models import AuditLog
 
 if TYPE_CHECKING:
@@ -41,8 +42,12 @@ class AuditEntry:
     client_addr: str | None
 
 
-def recent(store: Store, *, limit: int = 200, action_prefix: str | None = None) -> list[AuditEntry]:
-    """The newest audit entries, optionally only actions starting with `action_prefix` (e.g. "login.")."""
+def recent(store: Store, *, actor: Actor, limit: int = 200, action_prefix: str | None = None) -> list[AuditEntry]:
+    """The newest audit entries, optionally only actions starting with `action_prefix` (e.g. "login.").
+
+    The log says who did what from where, so reading it is `audit.read` (admins).
+    """
+    require(actor, "audit.read")
     query = select(AuditLog).order_by(AuditLog.id.desc()).limit(limit)
     if action_prefix:
         query = query.where(AuditLog.action.startswith(action_prefix, autoescape=True))

@@ -38,7 +38,7 @@ ACTIONS: dict[str, Action] = {
     "report.run": Action(RESEARCH, "run reports"),
     "report.other_database": Action(ADMINS, "point a report at another database"),
     "sql.run": Action(EVERYONE, "run SQL over the store"),
-    "query.save": Action(EVERYONE, "save or share queries"),
+    "query.save": Action(EVERYONE, "save, share or delete their own saved queries"),
     "query.delete_others": Action(ADMINS, "delete other users' saved queries"),
     "user.manage": Action(ADMINS, "manage users"),
     "audit.read": Action(ADMINS, "read the audit log"),
@@ -66,6 +66,13 @@ class OperatorActor:
 
 # The command line acts with the store's own credentials: whoever can run it can already read and write the files.
 LOCAL_OPERATOR = OperatorActor(username="cli", role=ADMIN)
+# Scheduled pipelines run as the system: their schedule file is the operator's own configuration.
+SCHEDULER = OperatorActor(username="scheduler", role=ADMIN)
+
+
+def pipeline_actor(job: str) -> OperatorActor:
+    """The scheduler acting for one job, named after it ("pipeline:weekly") so its runs say which job made them."""
+    return OperatorActor(username=f"pipeline:{job}", role=SCHEDULER.role)
 
 
 def allowed(actor: Actor | None, action: str) -> bool:

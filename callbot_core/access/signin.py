@@ -1,7 +1,9 @@
-"""Signing in: password checks against the store, lockout after repeated failures, admin actions.
+"""Signing in: password checks against the store, lockout after repeated failures, managing users.
 
 The store is the one source of truth for accounts: the browser app's login form calls
-`authenticate`, so lockout, audit and last-login work the same for every front end.
+`authenticate`, so lockout, audit and last-login work the same for every front end. Managing users
+(create, role, password, unlock) is `user.manage` in `access.permissions`: every front end creates
+accounts through `create_user` here, so the check cannot be skipped.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from callbot_core.access import audit
-from callbot_core.access.users import add_user, hash_password, verify_password
-from callbot_core.errors import CallbotError, InvalidInput, NotFound
+from callbot_core.access.permissions import Actor, allowed, require
+from callbot_core.access.users import USERNAME_RE, hash_password, verify_password
+from callbot_core.errors import CallbotError, Conflict, InvalidInput, NotFound
 from callbot_core.store import Store
 from callbot_core.store.models import ROLES, User, utcnow
 
@@ -50,13 +54,14 @@ class UserInfo:
     locked_until: datetime | None = None
     created_at: datetime | None = None
 
+    # Shorthands for the front ends' menus; the rule itself is the permissions table's.
     @property
     def is_admin(self) -> bool:
-        return self.role == "admin"
+        return allowed(self, "user.manage")
 
     @property
     def can_chat(self) -> bool:
-        return self.role in ("admin", "researcher")
+        return allowed(self, "chat")
 
 
 def _info(user: User) -> UserInfo:
@@ -144,16 +149,43 @@ def _get(session, username: str) -> User:  # type: ignore[no-untyped-def]
     return user
 
 
+def _add_user(
+    session: Session, username: str, password: str, *, role: str, display_name: str, email: str | None, by: str
+) -> User:
+    # Usernames are case-insensitive: stored lower-case, as the login form sends them.
+    username = username.strip().lower()
+    if not USERNAME_RE.match(username):
+        raise InvalidInput(f"Username {username!r} is not valid: use 2-64 letters, digits, '.', '_' or '-'")
+    if role not in ROLES:
+        raise InvalidInput(f"Role {role!r} is not valid; roles: {', '.join(ROLES)}")
+    if session.scalar(select(User.id).where(User.username == username)) is not None:
+        raise Conflict(f"User {username!r} already exists")
+    user = User(
+        username=username,
+        password_hash=hash_password(password),
+        role=role,
+        display_name=display_name or username,
+        email=email,
+    )
+    session.add(user)
+    session.flush()
+    audit.record(session, "user.add", actor=by, target=username, detail={"role": role})
+    return user
+
+
 def create_user(
-    store: Store, username: str, password: str, *, role: str, display_name: str = "", email: str | None = None,
-    actor: str | None = None,
+    store: Store, username: str, password: str, *, role: str = "researcher", display_name: str = "",
+    email: str | None = None, actor: Actor,
 ) -> UserInfo:  # fmt: skip
+    """A new account (the one way every front end creates one); `actor` must be allowed `user.manage`."""
+    require(actor, "user.manage")
     with store.session() as session:
-        return _info(add_user(session, username, password, role=role, display_name=display_name, email=email,
-                              actor=actor))  # fmt: skip
+        return _info(_add_user(session, username, password, role=role, display_name=display_name, email=email,
+                               by=actor.username))  # fmt: skip
 
 
-def set_role(store: Store, username: str, role: str, *, actor: str, client_addr: str | None = None) -> None:
+def set_role(store: Store, username: str, role: str, *, actor: Actor, client_addr: str | None = None) -> None:
+    require(actor, "user.manage")
     if role not in ROLES:
         raise InvalidInput(f"Role {role!r} is not valid; roles: {', '.join(ROLES)}")
     with store.session() as session:
@@ -161,26 +193,28 @@ def set_role(store: Store, username: str, role: str, *, actor: str, client_addr:
         if user.role == "admin" and role != "admin" and _admin_count(session) <= 1:
             raise InvalidInput("The last admin cannot lose the admin role: make another admin first")
         old, user.role = user.role, role
-        audit.record(session, "user.role", actor=actor, target=username, detail={"from": old, "to": role},
+        audit.record(session, "user.role", actor=actor.username, target=username, detail={"from": old, "to": role},
                      client_addr=client_addr)  # fmt: skip
 
 
-def reset_password(store: Store, username: str, password: str, *, actor: str, client_addr: str | None = None) -> None:
+def reset_password(store: Store, username: str, password: str, *, actor: Actor, client_addr: str | None = None) -> None:
+    require(actor, "user.manage")
     new_hash = hash_password(password)
     with store.session() as session:
         user = _get(session, username)
         user.password_hash = new_hash
         user.failed_logins = 0
         user.locked_until = None
-        audit.record(session, "user.password_reset", actor=actor, target=username, client_addr=client_addr)
+        audit.record(session, "user.password_reset", actor=actor.username, target=username, client_addr=client_addr)
 
 
-def unlock(store: Store, username: str, *, actor: str, client_addr: str | None = None) -> None:
+def unlock(store: Store, username: str, *, actor: Actor, client_addr: str | None = None) -> None:
+    require(actor, "user.manage")
     with store.session() as session:
         user = _get(session, username)
         user.failed_logins = 0
         user.locked_until = None
-        audit.record(session, "user.unlock", actor=actor, target=username, client_addr=client_addr)
+        audit.record(session, "user.unlock", actor=actor.username, target=username, client_addr=client_addr)
 
 
 def _admin_count(session) -> int:  # type: ignore[no-untyped-def]
@@ -198,5 +232,6 @@ def ensure_admin(store: Store, password: str | None = None) -> str | None:
         generated = None
         if not password:
             password = generated = secrets.token_urlsafe(12)
-        add_user(session, ADMIN_USERNAME, password, role="admin", display_name="Administrator", actor="setup")
+        # No acting user yet (this makes the first one): the bootstrap is recorded as "setup".
+        _add_user(session, ADMIN_USERNAME, password, role="admin", display_name="Administrator", email=None, by="setup")
     return generated

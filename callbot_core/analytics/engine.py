@@ -7,7 +7,7 @@ DuckDB's own format (`<runtime>/analytics.duckdb`) and kept in step incrementall
 - a probe on the store (a few native queries answered from indexes, one scan of `conversations`, a hash of
   the small tables) is compared with what the snapshot holds; equal means nothing to do, and the
   snapshot is not even opened for writing;
-- messages and turn metrics are append-only: rows above the snapshot's highest id are copied (on
+- messages, turn metrics and turn stages are append-only: rows above the snapshot's highest id are copied (on
   PostgreSQL also a margin below it, since ids are handed out before commit and a slower transaction can
   commit a lower id later); system metrics likewise, copied whole again if rows were pruned;
 - conversations are copied by id, and when their figures (count, status, ended_at, summaries, user) no
@@ -62,6 +62,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from callbot_core.access import audit
+from callbot_core.access.permissions import Actor, require
 from callbot_core.analytics.guard import ForbiddenSQL, check_sql
 from callbot_core.analytics.views import MACROS, SNAPSHOT_FORMAT, TABLES, VIEWS
 from callbot_core.errors import CallbotError, ConfigError, InvalidInput
@@ -72,7 +73,7 @@ __all__ = ["Analytics", "QueryResult", "QueryTimeout", "RefreshStats", "scanner_
 
 SNAPSHOT_NAME = "analytics.duckdb"
 SOURCE = "src"  # the attached store's catalog name inside the refresh connection
-APPEND_ONLY = ("messages", "turn_metrics")
+APPEND_ONLY = ("messages", "turn_metrics", "turn_stages")
 # Small enough to copy whole when their hash changes; this also covers eval runs whose status changes and
 # rows deleted by cascades (a conversation's comparison variants and votes).
 SMALL_TABLES = (
@@ -459,7 +460,9 @@ class Analytics:
               (SELECT max(id) FROM turn_metrics),
               (SELECT count(*) FROM turn_metrics WHERE id > :turn_metrics_from),
               (SELECT count(*) FROM system_metrics),
-              (SELECT max(id) FROM system_metrics)
+              (SELECT max(id) FROM system_metrics),
+              (SELECT max(id) FROM turn_stages),
+              (SELECT count(*) FROM turn_stages WHERE id > :turn_stages_from)
         """
         lengths = ", sum(length(summary_short)), sum(length(summary_full))" if full else ""
         conv_sql = f"""
@@ -483,6 +486,7 @@ class Analytics:
             "conversations": [row[0] and int(row[0]), _naive_utc(row[1]), *conv[:6]],
             "messages": [row[2] and int(row[2]), int(row[3])],
             "turn_metrics": [row[4] and int(row[4]), int(row[5])],
+            "turn_stages": [row[8] and int(row[8]), int(row[9])],
             "system_metrics": [int(row[6]), row[7] and int(row[7])],
             "small": small,
         }
@@ -498,15 +502,17 @@ class Analytics:
         *,
         max_rows: int = 1000,
         timeout_s: float = 30.0,
-        actor: str | None = None,
+        actor: Actor,
         client_addr: str | None = None,
     ) -> QueryResult:
-        """Run one user query (guarded) on a fresh snapshot; the first `max_rows` rows are kept."""
+        """Run one user query (guarded) on a fresh snapshot as `actor`; the first `max_rows` rows are kept."""
+        require(actor, "sql.run")
+        who = actor.username
         if max_rows < 0:
             raise InvalidInput("max_rows must be zero or more")
         if timeout_s <= 0:
             raise InvalidInput("timeout_s must be more than zero")
-        cleaned = self._checked(sql, actor=actor, client_addr=client_addr)
+        cleaned = self._checked(sql, actor=who, client_addr=client_addr)
         detail: dict[str, Any] = {"sql": sql, "max_rows": max_rows}
         start = time.perf_counter()
         try:
@@ -525,13 +531,13 @@ class Analytics:
         except CallbotError as exc:
             detail |= {"status": "timeout" if isinstance(exc, QueryTimeout) else "failed", "error": str(exc)}
             detail["elapsed_ms"] = round(_ms(start), 1)
-            audit.log(self.store, "sql.query", actor=actor, target="analytics", detail=detail, client_addr=client_addr)
+            audit.log(self.store, "sql.query", actor=who, target="analytics", detail=detail, client_addr=client_addr)
             raise
         truncated = len(rows) > max_rows
         rows = rows[:max_rows]
         elapsed = _ms(start)
         detail |= {"status": "ok", "rows": len(rows), "truncated": truncated, "elapsed_ms": round(elapsed, 1)}
-        audit.log(self.store, "sql.query", actor=actor, target="analytics", detail=detail, client_addr=client_addr)
+        audit.log(self.store, "sql.query", actor=who, target="analytics", detail=detail, client_addr=client_addr)
         return QueryResult(columns=columns, rows=rows, truncated=truncated, elapsed_ms=elapsed)
 
     def _checked(self, sql: str, *, actor: str | None, client_addr: str | None) -> str:
@@ -588,7 +594,7 @@ class Analytics:
         fmt: str,
         path: Path,
         *,
-        actor: str | None = None,
+        actor: Actor,
         client_addr: str | None = None,
         timeout_s: float = 300.0,
     ) -> int:
@@ -596,10 +602,12 @@ class Analytics:
 
         The file appears complete or not at all: it is written beside `path` and renamed into place.
         """
+        require(actor, "sql.run")
+        who = actor.username
         fmt = fmt.lower()
         if fmt not in EXPORT_FORMATS:
             raise InvalidInput(f"Unknown export format {fmt!r}: use {', '.join(EXPORT_FORMATS)}")
-        cleaned = self._checked(sql, actor=actor, client_addr=client_addr)
+        cleaned = self._checked(sql, actor=who, client_addr=client_addr)
         path = Path(path)
         detail: dict[str, Any] = {"sql": sql, "format": fmt, "path": str(path)}
         start = time.perf_counter()
@@ -615,10 +623,10 @@ class Analytics:
         except CallbotError as exc:
             status = "timeout" if isinstance(exc, QueryTimeout) else "failed"
             detail |= {"status": status, "error": str(exc), "elapsed_ms": round(_ms(start), 1)}
-            audit.log(self.store, "sql.export", actor=actor, target="analytics", detail=detail, client_addr=client_addr)
+            audit.log(self.store, "sql.export", actor=who, target="analytics", detail=detail, client_addr=client_addr)
             raise
         detail |= {"status": "ok", "rows": rows, "elapsed_ms": round(_ms(start), 1)}
-        audit.log(self.store, "sql.export", actor=actor, target="analytics", detail=detail, client_addr=client_addr)
+        audit.log(self.store, "sql.export", actor=who, target="analytics", detail=detail, client_addr=client_addr)
         return rows
 
     def columns_of(self, name: str) -> list[tuple[str, str]]:
@@ -1027,6 +1035,12 @@ class _Sync:
     def delete_gone(self) -> None:
         if not self.one("SELECT count(*) FROM gone"):
             return
+        # A turn's stages hang off its turn_metrics row, so they go first, found through it.
+        n = self.count(
+            "DELETE FROM raw.turn_stages WHERE turn_metrics_id IN "
+            "(SELECT id FROM raw.turn_metrics WHERE conversation_id IN (SELECT id FROM gone))"
+        )
+        self.add(self.deleted, "turn_stages", n)
         for table in ("turn_metrics", "messages", "conversations"):
             key = "id" if table == "conversations" else "conversation_id"
             self.add(self.deleted, table, self.count(f"DELETE FROM raw.{table} WHERE {key} IN (SELECT id FROM gone)"))
@@ -1099,8 +1113,8 @@ class _Sync:
                 f"SELECT {self.select_list(table)} FROM {rel} s WHERE s.id > ? AND s.id <= ? "
                 f"AND NOT EXISTS (SELECT 1 FROM raw.{table} r WHERE r.id > ? AND r.id = s.id)"
             )
-            if table == "messages":
-                n = self.count(f"INSERT INTO raw.messages SELECT * FROM ({rows}) ORDER BY id", [low, top, low])
+            if table != "turn_metrics":
+                n = self.count(f"INSERT INTO raw.{table} SELECT * FROM ({rows}) ORDER BY id", [low, top, low])
             else:
                 # A turn's start and word counts come from its messages, copied just before. Only messages
                 # from the new turns' lowest id on are joined: DuckDB skips the older row groups unread.

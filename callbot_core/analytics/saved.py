@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from callbot_core.access import audit
+from callbot_core.access.permissions import Actor, require
 from callbot_core.errors import Conflict, InvalidInput, NotFound
 from callbot_core.store import Store
 from callbot_core.store.models import SavedQuery, User, utcnow
@@ -114,21 +116,28 @@ def list_queries(store: Store, user_id: int) -> list[SavedQueryInfo]:
         return [*BUILTIN_QUERIES, *(_info(q, owner) for q, owner in rows)]
 
 
+def _owner(session: Session, actor: Actor) -> User:
+    user = session.scalar(select(User).where(User.username == actor.username))
+    if user is None:
+        # The local operator and scheduled jobs have no account to own a query: `callbot --as USERNAME` acts as one.
+        raise NotFound(f"{actor.username!r} is not a stored user: saved queries belong to user accounts")
+    return user
+
+
 def save_query(
-    store: Store, user_id: int, name: str, sql: str, *, description: str = "", shared: bool = False,
+    store: Store, name: str, sql: str, *, actor: Actor, description: str = "", shared: bool = False,
     overwrite: bool = False,
 ) -> SavedQueryInfo:  # fmt: skip
-    """Save (or with `overwrite`, replace) the user's query called `name`."""
+    """Save (or with `overwrite`, replace) `actor`'s query called `name`."""
+    require(actor, "query.save")
     name, sql = _check(name, sql)
     with store.session() as session:
-        owner = session.get(User, user_id)
-        if owner is None:
-            raise NotFound(f"Unknown user id {user_id}")
-        row = session.scalar(select(SavedQuery).where(SavedQuery.owner_id == user_id, SavedQuery.name == name))
+        owner = _owner(session, actor)
+        row = session.scalar(select(SavedQuery).where(SavedQuery.owner_id == owner.id, SavedQuery.name == name))
         if row is not None and not overwrite:
             raise Conflict(f"You already have a query called {name!r}: choose another name or overwrite it")
         if row is None:
-            row = SavedQuery(owner_id=user_id, name=name, sql=sql, description=description, shared=shared)
+            row = SavedQuery(owner_id=owner.id, name=name, sql=sql, description=description, shared=shared)
             session.add(row)
         else:
             row.sql, row.description, row.shared, row.updated_at = sql, description, shared, utcnow()
@@ -137,14 +146,15 @@ def save_query(
         return _info(row, owner.username)
 
 
-def delete_query(store: Store, query_id: int, *, user_id: int, is_admin: bool = False) -> None:
-    """Delete a saved query: its owner may, and so may an admin."""
+def delete_query(store: Store, query_id: int, *, actor: Actor) -> None:
+    """Delete a saved query: its owner may; someone else's needs `query.delete_others` (admins)."""
+    require(actor, "query.save")
     with store.session() as session:
         row = session.get(SavedQuery, query_id)
         if row is None:
             raise NotFound(f"Unknown saved query {query_id}")
-        if row.owner_id != user_id and not is_admin:
-            raise InvalidInput("Only the query's owner or an admin may delete it")
-        actor = session.get(User, user_id)
+        owner = session.get(User, row.owner_id)
+        if owner is None or owner.username != actor.username:
+            require(actor, "query.delete_others")
         session.delete(row)
-        audit.record(session, "sql.delete_saved", actor=actor.username if actor else None, target=row.name)
+        audit.record(session, "sql.delete_saved", actor=actor.username, target=row.name)

@@ -9,6 +9,7 @@ Two things are computed once, when a row is copied, rather than by every query: 
 (`messages.words`, the summaries' word counts) and, on each turn, when it started and how many words the
 caller and the bot said (`raw.turn_metrics.started_at`, `user_words`, `bot_words`). Messages never change
 once stored, so these stay right; they are what keeps the dashboards fast on a million messages.
+A turn's stages (`raw.turn_stages`) are copied as stored; the view adds each one's time to first output.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Bump when a table's columns, a copy expression or a view changes: an older snapshot is then rebuilt.
-SNAPSHOT_FORMAT = 3
+SNAPSHOT_FORMAT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,18 @@ TABLES: dict[str, list[Column]] = {
         Column("user_words", "INTEGER", "NULL"),
         Column("bot_words", "INTEGER", "NULL"),
     ],
+    # One row per stage of a turn (validate, prompt, generate, persist...), timed by the turn's one clock.
+    "turn_stages": [
+        Column("id", "BIGINT"),
+        Column("turn_metrics_id", "BIGINT"),
+        Column("stage", "VARCHAR"),
+        Column("position", "INTEGER"),
+        _ts("started_at"),
+        _ts("first_output_at"),
+        _ts("ended_at"),
+        Column("ms", "DOUBLE"),
+        Column("error", "VARCHAR"),
+    ],
     # Scenario-suite runs and their assertions' results (callbot_core/evals), and side-by-side comparisons.
     "eval_runs": [
         Column("id", "BIGINT"),
@@ -225,6 +238,29 @@ JOIN raw.conversations c ON c.id = tm.conversation_id
 JOIN raw.persona_versions pv ON pv.id = c.persona_version_id
 JOIN raw.personas p ON p.id = pv.persona_id
 LEFT JOIN raw.users u ON u.id = c.user_id
+""",
+    "turn_stages": """
+SELECT
+    ts.turn_metrics_id AS turn_id,
+    tm.conversation_id,
+    tm.user_message_id,
+    p.key AS persona,
+    pv.version AS persona_version,
+    tm.backend,
+    tm.model,
+    c.channel,
+    ts.stage,
+    ts.position,
+    ts.started_at,
+    ts.ended_at,
+    ts.ms,
+    date_diff('microsecond', ts.started_at, ts.first_output_at) / 1000.0 AS first_output_ms,
+    ts.error
+FROM raw.turn_stages ts
+JOIN raw.turn_metrics tm ON tm.id = ts.turn_metrics_id
+JOIN raw.conversations c ON c.id = tm.conversation_id
+JOIN raw.persona_versions pv ON pv.id = c.persona_version_id
+JOIN raw.personas p ON p.id = pv.persona_id
 """,
     "conversations_stats": """
 WITH msg AS (
@@ -457,6 +493,33 @@ VIEW_DOCS: list[ViewDoc] = [
         _TURN_COLUMNS,
     ),
     ViewDoc(
+        "turn_stages",
+        "One row per stage of a turn, in the order the stages ran (validate, prompt, generate, persist; more as "
+        "capabilities are added). All of a turn's stages are timed by one clock, so their ms add up to no more "
+        "than the turn took. A failed turn has rows for the stages that ran, the error on the one that failed.",
+        [
+            ("turn_id", "the turn (turns.turn_id, turn_metrics.id)"),
+            ("conversation_id", "its conversation"),
+            ("user_message_id", "messages.id of the caller's message"),
+            ("persona", "persona key"),
+            ("persona_version", "persona version number"),
+            ("backend", "LLM backend that served the turn"),
+            ("model", "model name on that backend"),
+            ("channel", "text, voice, api or simulated"),
+            ("stage", "the stage's name: validate, prompt, generate, persist..."),
+            ("position", "its place in the turn's stage list, 0 first"),
+            ("started_at", "when the stage started (UTC)"),
+            ("ended_at", "when it ended (UTC)"),
+            ("ms", "how long it took, ms"),
+            (
+                "first_output_ms",
+                "ms from the stage's start to its first output (generate: to the first token, "
+                "the turn's TTFT); NULL for stages without output",
+            ),
+            ("error", "why the stage failed, or NULL"),
+        ],
+    ),
+    ViewDoc(
         "conversations_stats",
         "One row per conversation with its counts, talk and latency figures. Latencies are over successful "
         "turns; words count every user and assistant message (the greeting is bot talk).",
@@ -585,7 +648,7 @@ VIEW_DOCS: list[ViewDoc] = [
 
 RAW_TABLES_NOTE = (
     "The copied store tables are also readable as raw.users (no password hashes or e-mail), raw.personas, "
-    "raw.persona_versions, raw.conversations, raw.messages, raw.turn_metrics, raw.system_metrics, "
+    "raw.persona_versions, raw.conversations, raw.messages, raw.turn_metrics, raw.turn_stages, raw.system_metrics, "
     "raw.eval_runs, raw.eval_results, raw.comparisons, raw.comparison_variants and raw.comparison_votes "
     "(JSON columns as canonical JSON text). "
     "Times are UTC. word_count(text) counts words the way the views do."

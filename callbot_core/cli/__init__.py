@@ -8,13 +8,21 @@ from collections.abc import Sequence
 import click
 
 from callbot_core.cli import analytics, chat, conversations, evals, personas, reports, simulate, store, users
+from callbot_core.cli._common import AS_USER_KEY
 from callbot_core.errors import CallbotError
 
 
 @click.group()
 @click.version_option(package_name="callbot-workbench")
-def cli() -> None:
+@click.option(
+    "--as", "as_user", metavar="USERNAME", default=None,
+    help="Act as this stored user, with their role (default: CALLBOT_CLI_USER, else the local operator, an admin).",
+)  # fmt: skip
+@click.pass_context
+def cli(ctx: click.Context, as_user: str | None) -> None:
     """Callbot Workbench: talk to bot personas and study every turn."""
+    # Read where the engine is called (`_common.acting_user`): only commands that do something guarded look it up.
+    ctx.meta[AS_USER_KEY] = as_user
 
 
 for command in (

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from callbot_core.cli._common import open_checked_store, table
+from callbot_core.cli._common import acting_user, open_checked_store, table
 from callbot_core.errors import InvalidInput
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -95,13 +95,14 @@ def sql_cmd(
     from callbot_core.analytics import Analytics
     from callbot_core.settings import get_settings
 
-    open_checked_store()  # a clear error if the store has not been migrated yet
+    store = open_checked_store()  # a clear error if the store has not been migrated yet
+    actor = acting_user(store)
     an = Analytics.open(get_settings())
     if out is not None:
-        rows = an.export(query, fmt, out, actor="cli", timeout_s=timeout_s)
+        rows = an.export(query, fmt, out, actor=actor, timeout_s=timeout_s)
         click.echo(f"Wrote {rows} row(s) to {out}.")
         return
-    result = an.query(query, max_rows=max_rows, timeout_s=timeout_s, actor="cli")
+    result = an.query(query, max_rows=max_rows, timeout_s=timeout_s, actor=actor)
     if fmt == "table":
         click.echo(table(result.columns, [[_cell(v) for v in row] for row in result.rows]))
     elif fmt == "csv":

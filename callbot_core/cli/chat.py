@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from callbot_core.cli._common import fmt_ms, open_checked_store
+from callbot_core.cli._common import acting_user, fmt_ms, open_checked_store, parse_assignments
 from callbot_core.errors import CallbotError, InvalidInput
 
 # -- backends ----------------------------------------------------------------------------------
@@ -40,8 +40,8 @@ def _metrics_line(result: object) -> str:
     )
 
 
-def _stream_reply(service: object, conversation_id: int, text: str) -> None:
-    turn = service.send(conversation_id, text)  # type: ignore[attr-defined]
+def _stream_reply(service: object, conversation_id: int, text: str, actor: object) -> None:
+    turn = service.send(conversation_id, text, actor=actor)  # type: ignore[attr-defined]
     click.echo("bot> ", nl=False)
     for piece in turn:
         click.echo(piece, nl=False)
@@ -80,22 +80,19 @@ def chat(
     """
     from callbot_core.conversations.service import ConversationService
 
-    given: dict[str, str] = {}
-    for raw in variables:
-        name, sep, value = raw.partition("=")
-        if not sep:
-            raise InvalidInput(f"--var {raw!r} is not NAME=VALUE, e.g. --var caller_name=Ann")
-        given[name.strip()] = value
-    service = ConversationService(store=open_checked_store())
-    info = service.start(persona, backend=backend, model=model, channel="text", variables=given)
+    given = parse_assignments(variables, error="--var {raw} is not NAME=VALUE, e.g. --var caller_name=Ann")
+    store = open_checked_store()
+    service = ConversationService(store=store)
+    actor = acting_user(store)
+    info = service.start(persona, actor=actor, backend=backend, model=model, channel="text", variables=given)
     click.secho(
         f"Conversation {info.id} with {info.persona_key}@{info.persona_version} on {info.backend} ({info.model})",
         dim=True,
     )
     if message is not None:
-        _stream_reply(service, info.id, message)
+        _stream_reply(service, info.id, message, actor)
         if end_after:
-            _print_summaries(service.end(info.id))
+            _print_summaries(service.end(info.id, actor=actor))
         return
     if info.greeting:
         click.echo(f"bot> {info.greeting}")
@@ -111,10 +108,10 @@ def chat(
             return
         if command == "/end":
             click.secho("Ending the conversation and writing its summaries…", dim=True)
-            _print_summaries(service.end(info.id))
+            _print_summaries(service.end(info.id, actor=actor))
             return
         try:
-            _stream_reply(service, info.id, text)
+            _stream_reply(service, info.id, text, actor)
         except InvalidInput as exc:
             click.secho(f"Not sent: {exc}", fg="yellow", err=True)
         except CallbotError as exc:

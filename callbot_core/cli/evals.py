@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from sqlalchemy import case, func, select
 
-from callbot_core.cli._common import open_checked_store, table
+from callbot_core.cli._common import acting_user, open_checked_store, parse_assignments, table
 from callbot_core.errors import InvalidInput
 
 
@@ -19,16 +19,17 @@ def parse_param_option(values: tuple[str, ...]) -> dict[str, list[float]]:
     """`--param temperature=0.2,0.7` (repeatable) -> {"temperature": [0.2, 0.7]}."""
     from callbot_core.experiments.evals.runner import GRID_PARAMS
 
+    given = parse_assignments(
+        values,
+        error="--param {raw} is not name=value[,value...], e.g. temperature=0.2,0.7",
+        require_value=True,
+        duplicate="--param {name} is given twice; list every value once: {name}=a,b",
+    )
     grid: dict[str, list[float]] = {}
-    for raw in values:
-        name, sep, rest = raw.partition("=")
-        name = name.strip()
-        if not sep or not name or not rest.strip():
-            raise InvalidInput(f"--param {raw!r} is not name=value[,value...], e.g. temperature=0.2,0.7")
+    for name, rest in given.items():
+        raw = f"{name}={rest}"
         if name not in GRID_PARAMS:
             raise InvalidInput(f"--param {raw!r}: unknown parameter {name!r}; parameters: {', '.join(GRID_PARAMS)}")
-        if name in grid:
-            raise InvalidInput(f"--param {name} is given twice; list every value once: {name}=a,b")
         try:
             grid[name] = [float(v) for v in rest.split(",")]
         except ValueError:
@@ -59,7 +60,9 @@ def eval_run(
 
     suite = load_suite(suite_path)
     grid = parse_param_option(params)
-    service = ConversationService(store=open_checked_store())
+    store = open_checked_store()
+    service = ConversationService(store=store)
+    actor = acting_user(store)
     bar_state: dict[str, int] = {"shown": 0}
     with click.progressbar(length=1, label=f"Running {suite.name}", file=click.get_text_stream("stderr")) as bar:
 
@@ -70,7 +73,14 @@ def eval_run(
             bar_state["shown"] = done
 
         batch = run_suite(
-            service, suite, list(personas), params_grid=grid, repeat=repeat, concurrency=concurrency, progress=progress
+            service,
+            suite,
+            list(personas),
+            params_grid=grid,
+            repeat=repeat,
+            concurrency=concurrency,
+            actor=actor,
+            progress=progress,
         )
     displayed = [r.display() for r in batch.summary()]
     click.echo(f"Batch {batch.batch} · suite {suite.name} · {len(batch.cells)} case(s)")

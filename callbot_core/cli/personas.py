@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from callbot_core.cli._common import one_line, open_checked_store, table
+from callbot_core.cli._common import acting_user, one_line, open_checked_store, table
 from callbot_core.errors import InvalidInput
 
 # -- personas ----------------------------------------------------------------------------------
@@ -34,7 +34,8 @@ def persona_import(file: Path, key: str | None) -> None:
     """Import a Character Card V2 JSON file as a new persona, or a new version of KEY."""
     from callbot_core.personas.versions import import_card
 
-    info = import_card(open_checked_store(), file.read_bytes(), actor="cli", key=key)
+    store = open_checked_store()
+    info = import_card(store, file.read_bytes(), actor=acting_user(store), key=key)
     click.echo(f"Imported {info.ref} ({info.name}).")
 
 
@@ -102,7 +103,8 @@ def persona_clone(ref: str, new_key: str, name: str | None) -> None:
     from callbot_core.personas.versions import clone_persona, get_version
 
     store = open_checked_store()
-    info = clone_persona(store, ref, new_key, name or f"{get_version(store, ref).name} (copy)", actor="cli")
+    actor = acting_user(store)
+    info = clone_persona(store, ref, new_key, name or f"{get_version(store, ref).name} (copy)", actor=actor)
     click.echo(f"Created {info.ref} ({info.name}).")
 
 
@@ -148,7 +150,8 @@ def persona_edit(
     changes = {k: v for k, v in given.items() if v is not None}
     if not changes:
         raise InvalidInput("Nothing to change: give at least one of the options (see --help)")
-    info = save_version(open_checked_store(), key, changes, actor="cli", note=note)
+    store = open_checked_store()
+    info = save_version(store, key, changes, actor=acting_user(store), note=note)
     click.echo(f"Saved {info.ref}.")
 
 
@@ -158,5 +161,6 @@ def persona_promote(ref: str) -> None:
     """Move the production label of a persona to KEY@VERSION."""
     from callbot_core.personas.versions import set_production
 
-    info = set_production(open_checked_store(), ref, actor="cli")
+    store = open_checked_store()
+    info = set_production(store, ref, actor=acting_user(store))
     click.echo(f"{info.ref} is now production.")

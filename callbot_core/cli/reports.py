@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,30 +9,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from callbot_core.cli._common import one_line, open_checked_store, table
+from callbot_core.cli._common import acting_user, one_line, open_checked_store, parse_assignments, table
 from callbot_core.errors import CallbotError, InvalidInput
 
 if TYPE_CHECKING:
     from callbot_core.jobs.schedules import Job
 
 _TIME = "%Y-%m-%d %H:%M:%S"
-
-
-def _who() -> str | None:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name (some containers run as a uid without a passwd entry)
-        return None
-
-
-def _parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
-    params: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise InvalidInput(f"-p expects key=value, got {pair!r}")
-        params[key.strip()] = value
-    return params
 
 
 class _ProgressBar:
@@ -75,10 +57,12 @@ def report_run(name: str, params: tuple[str, ...]) -> None:
     from callbot_core.jobs.reports import run_report
     from callbot_core.settings import get_settings
 
-    values = _parse_params(params)
+    values = parse_assignments(params, error="-p expects key=value, got {raw}")
+    store = open_checked_store()
+    actor = acting_user(store)
     bar = _ProgressBar()
     try:
-        run = run_report(open_checked_store(), name, values, requested_by=_who(), progress=bar, settings=get_settings())
+        run = run_report(store, name, values, actor=actor, progress=bar, settings=get_settings())
     finally:
         bar.close()
     if run.status != "succeeded":

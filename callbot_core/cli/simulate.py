@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from callbot_core.cli._common import open_checked_store
+from callbot_core.cli._common import acting_user, open_checked_store
 
 
 @click.command("simulate")
@@ -30,7 +30,8 @@ def simulate_cmd(
 
     caller = CallerPersona(goal=goal, personality=personality, turns=turns, opening=opening)
     caller.validate()
-    service = ConversationService(store=open_checked_store())
+    store = open_checked_store()
+    service = ConversationService(store=store)
 
     def show(turn) -> None:  # type: ignore[no-untyped-def]
         click.echo(f"caller: {turn.caller}")
@@ -38,7 +39,13 @@ def simulate_cmd(
         click.echo(f"bot:    {turn.bot or '(no reply)'}{ms}")
 
     result = simulate_call(
-        service, persona, caller, caller_backend=caller_backend, caller_model=caller_model, on_turn=show
+        service,
+        persona,
+        caller,
+        caller_backend=caller_backend,
+        caller_model=caller_model,
+        actor=acting_user(store),
+        on_turn=show,
     )
     click.echo(f"Conversation {result.conversation_id} (channel simulated), {len(result.turns)} turn(s)")
     if result.error:

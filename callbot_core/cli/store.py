@@ -45,7 +45,8 @@ def app_cmd(port: int, address: str) -> None:
     settings = get_settings()
     settings.secret()
     store = open_checked_store()
-    generated = ensure_admin(store, os.environ.get("CALLBOT_ADMIN_PASSWORD"))
+    password = settings.admin_password.get_secret_value() if settings.admin_password else None
+    generated = ensure_admin(store, password)
     if generated:
         click.secho(
             f"Created the admin account. Sign in as {ADMIN_USERNAME!r} with password: {generated}\n"

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from callbot_core.cli._common import open_checked_store
+from callbot_core.cli._common import acting_user, open_checked_store
 
 # -- users -------------------------------------------------------------------------------------
 
@@ -24,12 +24,16 @@ def user() -> None:
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 def user_add(username: str, role: str, display_name: str, email: str | None, password_stdin: bool) -> None:
     """Add a user; the password is read from stdin or prompted for."""
-    from callbot_core.access.users import add_user
+    from callbot_core.access.permissions import require
+    from callbot_core.access.signin import create_user
 
+    store = open_checked_store()
+    actor = acting_user(store)
+    # create_user checks this again; asking first refuses before anyone types a password for nothing.
+    require(actor, "user.manage")
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    with open_checked_store().session() as session:
-        add_user(session, username, password, role=role, display_name=display_name, email=email, actor="cli")
-    click.echo(f"User {username!r} added with role {role}.")
+    info = create_user(store, username, password, role=role, display_name=display_name, email=email, actor=actor)
+    click.echo(f"User {info.username!r} added with role {info.role}.")

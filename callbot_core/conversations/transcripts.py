@@ -18,6 +18,7 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import aliased
 
 from callbot_core.access import audit
+from callbot_core.access.permissions import Actor, require
 from callbot_core.errors import InvalidInput, NotFound
 from callbot_core.store import Store
 from callbot_core.store.models import Conversation, Message, Persona, PersonaVersion, TurnMetrics, User
@@ -203,10 +204,9 @@ def get_conversation(store: Store, conversation_id: int) -> ConversationDetail:
         return ConversationDetail(_to_row(tuple(found)), system_prompt, conv.summary_full, messages)
 
 
-def delete_conversation(
-    store: Store, conversation_id: int, *, actor: str | None = None, client_addr: str | None = None
-) -> None:
+def delete_conversation(store: Store, conversation_id: int, *, actor: Actor, client_addr: str | None = None) -> None:
     """Delete a conversation with its messages and metrics; the deletion is audited in the same transaction."""
+    require(actor, "conversation.delete")
     with store.session() as session:
         conv = session.get(Conversation, conversation_id)
         if conv is None:
@@ -214,7 +214,7 @@ def delete_conversation(
         detail = {"persona_version_id": conv.persona_version_id, "started_at": conv.started_at.isoformat()}
         session.delete(conv)
         audit.record(
-            session, "conversation.delete", actor=actor, target=str(conversation_id), detail=detail,
+            session, "conversation.delete", actor=actor.username, target=str(conversation_id), detail=detail,
             client_addr=client_addr,
         )  # fmt: skip
 

@@ -7,7 +7,6 @@ the reply they prefer, and in blind mode the page hides which variant is which u
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -18,11 +17,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from callbot_core.access import audit
-from callbot_core.backends.llm import GenerationParams
+from callbot_core.access.permissions import Actor, require
+from callbot_core.backends.llm import GenerationParams, runs_serially
 from callbot_core.conversations.service import ConversationService, TurnStream
 from callbot_core.conversations.validation import clean_message
 from callbot_core.errors import CallbotError, Conflict, InvalidInput, NotFound
 from callbot_core.personas.catalog import get_persona_version
+from callbot_core.personas.fields import FIELDS, check_overrides, params_for
 from callbot_core.store import Store
 from callbot_core.store.models import (
     Comparison,
@@ -32,18 +33,14 @@ from callbot_core.store.models import (
     Message,
     PersonaVersion,
     TurnMetrics,
-    User,
     utcnow,
 )
 
 MIN_VARIANTS = 2
 MAX_VARIANTS = 4
 LABELS = ("A", "B", "C", "D")
-PARAM_KEYS = ("temperature", "top_p", "max_tokens", "seed")
-# Backends that run one generation at a time per model. Their variants are run one after another inside a
-# single worker, so each variant's TTFT is measured from its own start rather than including the wait for
-# another variant's turn on the model lock.
-SERIAL_BACKENDS = frozenset({"embedded"})
+# The sampling settings a variant may override (their ranges are in personas/fields.py).
+PARAM_KEYS = tuple(FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,33 +165,8 @@ def validate_params(params: object) -> dict[str, Any]:
         return {}
     if not isinstance(params, dict):
         raise InvalidInput(f"Variant parameters must be an object, not {params!r}")
-    unknown = sorted(set(params) - set(PARAM_KEYS))
-    if unknown:
-        raise InvalidInput(f"Unknown variant parameter(s) {', '.join(unknown)}; allowed: {', '.join(PARAM_KEYS)}")
-    out: dict[str, Any] = {}
-    for key in PARAM_KEYS:  # a fixed order, so stored params and their labels read the same everywhere
-        if key not in params or params[key] is None:
-            continue
-        value = params[key]
-        if key in ("temperature", "top_p"):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise InvalidInput(f"{key} must be a number, not {value!r}")
-            value = float(value)
-            if key == "temperature" and not 0 <= value <= 2:
-                raise InvalidInput(f"temperature must be between 0 and 2, not {value}")
-            if key == "top_p" and not 0 < value <= 1:
-                raise InvalidInput(f"top_p must be above 0 and at most 1, not {value}")
-        elif key == "max_tokens":
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
-                raise InvalidInput(f"max_tokens must be a whole number from 1 to 4096, not {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidInput(f"seed must be a whole number of 0 or more, not {value!r}")
-        out[key] = value
-    return out
-
-
-def _username(session: Session, user_id: int | None) -> str | None:
-    return None if user_id is None else session.scalar(select(User.username).where(User.id == user_id))
+    # In FIELDS order, so stored params and their labels read the same everywhere.
+    return check_overrides(params, what="variant parameter")
 
 
 def _get(session: Session, comparison_id: object) -> Comparison:
@@ -238,17 +210,19 @@ def start_comparison(
     service: ConversationService,
     variants: Sequence[Variant],
     *,
-    user_id: int | None = None,
+    actor: Actor,
     title: str = "",
     blind: bool = False,
     backend: str | None = None,
     model: str | None = None,
 ) -> ComparisonInfo:
-    """Open one stored conversation per variant and link them to a new comparison.
+    """Open one stored conversation per variant and link them to a new comparison created by `actor`.
 
-    Everything that can be refused (count, persona refs, parameters) is checked before anything is
+    Everything that can be refused (permission, count, persona refs, parameters) is checked before anything is
     stored; if opening a conversation still fails, the ones already opened are removed again.
     """
+    require(actor, "compare")
+    user_id = getattr(actor, "id", None)
     if not MIN_VARIANTS <= len(variants) <= MAX_VARIANTS:
         raise InvalidInput(f"A comparison needs {MIN_VARIANTS} to {MAX_VARIANTS} variants, not {len(variants)}")
     if not isinstance(title, str):
@@ -266,7 +240,7 @@ def start_comparison(
     opened: list[int] = []
     try:
         for variant in variants:
-            info = service.start(variant.persona_ref, user_id=user_id, backend=backend, model=model, channel="text")
+            info = service.start(variant.persona_ref, actor=actor, backend=backend, model=model, channel="text")
             opened.append(info.id)
         with store.session() as session:
             comparison = Comparison(title=title, created_by=user_id, blind=bool(blind))
@@ -285,7 +259,7 @@ def start_comparison(
             audit.record(
                 session,
                 "comparison.start",
-                actor=_username(session, user_id),
+                actor=actor.username,
                 target=f"comparison#{comparison.id}",
                 detail={
                     "variants": [
@@ -318,12 +292,12 @@ class _Job:
     params: GenerationParams
 
 
-def _run_variant(service: ConversationService, job: _Job, text: str) -> VariantReply:
+def _run_variant(service: ConversationService, job: _Job, text: str, actor: Actor) -> VariantReply:
     """Run one variant's turn to the end; a failure becomes this variant's reply, not an exception."""
     turn: TurnStream | None = None
     error: str | None = None
     try:
-        turn = service.send(job.info.conversation_id, text, params=job.params)
+        turn = service.send(job.info.conversation_id, text, params=job.params, actor=actor)
         turn.text()
     except CallbotError as exc:
         error = str(exc)
@@ -346,16 +320,25 @@ def _run_variant(service: ConversationService, job: _Job, text: str) -> VariantR
     )
 
 
-def _run_chain(service: ConversationService, jobs: list[_Job], text: str) -> list[VariantReply]:
-    return [_run_variant(service, job, text) for job in jobs]
+def _run_chain(service: ConversationService, jobs: list[_Job], text: str, actor: Actor) -> list[VariantReply]:
+    return [_run_variant(service, job, text, actor) for job in jobs]
 
 
-def send_turn(service: ConversationService, comparison_id: int, text: object) -> list[VariantReply]:
+def _serial(service: ConversationService, backend: str) -> bool:
+    try:
+        return runs_serially(service.backend(backend))
+    except CallbotError:  # a backend that cannot be had fails in its own variant's turn, stored there
+        return False
+
+
+def send_turn(service: ConversationService, comparison_id: int, text: object, *, actor: Actor) -> list[VariantReply]:
     """Send the same user text to every variant at once; replies come back in variant order.
 
     The text is validated once, before anything is stored. Remote backends run truly in parallel;
-    variants on a serialising backend (the embedded model) run one after another in one worker.
+    variants on a serialising backend (the embedded model) run one after another in one worker, so each
+    variant's TTFT is measured from its own start rather than including the wait for another's turn.
     """
+    require(actor, "compare")
     user_text = clean_message(text, max_chars=service.settings.max_message_chars)
     with service.store.session() as session:
         _get(session, comparison_id)
@@ -366,20 +349,14 @@ def send_turn(service: ConversationService, comparison_id: int, text: object) ->
                 # Checked for all before sending to any, so the variants' turns stay aligned by index.
                 raise Conflict(f"Variant {variant.label}'s conversation {conversation.id} has ended")
             info = _variant_info(variant, conversation, version)
-            params = GenerationParams(
-                temperature=info.params.get("temperature", version.temperature),
-                top_p=info.params.get("top_p", version.top_p),
-                max_tokens=info.params.get("max_tokens", version.max_tokens),
-                stop=tuple(version.stop_words or ()),
-                seed=info.params.get("seed"),
-            )
-            jobs.append(_Job(info, params))
+            jobs.append(_Job(info, params_for(version, info.params)))
     if not jobs:
         raise Conflict(f"Comparison {comparison_id} has no variants")
-    serial = [j for j in jobs if j.info.backend in SERIAL_BACKENDS]
-    chains = ([serial] if serial else []) + [[j] for j in jobs if j.info.backend not in SERIAL_BACKENDS]
+    serial_backends = {b for b in {j.info.backend for j in jobs} if _serial(service, b)}
+    serial = [j for j in jobs if j.info.backend in serial_backends]
+    chains = ([serial] if serial else []) + [[j] for j in jobs if j.info.backend not in serial_backends]
     with ThreadPoolExecutor(max_workers=len(chains), thread_name_prefix="compare") as pool:
-        futures = [pool.submit(_run_chain, service, chain, user_text) for chain in chains]
+        futures = [pool.submit(_run_chain, service, chain, user_text, actor) for chain in chains]
         replies = {r.variant_id: r for f in futures for r in f.result()}
     return [replies[j.info.id] for j in jobs]
 
@@ -396,8 +373,10 @@ def _turns_of(session: Session, conversation_id: int) -> list[int]:
     )
 
 
-def vote(store: Store, comparison_id: int, turn_index: int, variant_id: int, *, voter_id: int | None) -> None:
-    """Store the voter's preferred variant for one turn, replacing an earlier vote on that turn."""
+def vote(store: Store, comparison_id: int, turn_index: int, variant_id: int, *, actor: Actor) -> None:
+    """Store `actor`'s preferred variant for one turn, replacing their earlier vote on that turn."""
+    require(actor, "compare")
+    voter_id = getattr(actor, "id", None)
     if isinstance(turn_index, bool) or not isinstance(turn_index, int):
         raise InvalidInput(f"A turn index must be a whole number, not {turn_index!r}")
     with store.session() as session:
@@ -432,7 +411,7 @@ def vote(store: Store, comparison_id: int, turn_index: int, variant_id: int, *, 
         audit.record(
             session,
             "comparison.vote",
-            actor=_username(session, voter_id),
+            actor=actor.username,
             target=f"comparison#{comparison.id}",
             detail={"turn": turn_index, "variant": variant.label, "replaced": previous is not None},
         )

@@ -13,8 +13,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from callbot_core.access.permissions import Actor, require
 from callbot_core.backends.llm import ChatMessage, GenerationParams, LLMBackend
-from callbot_core.conversations.service import ConversationService, TurnResult
+from callbot_core.conversations.service import ConversationService, TurnResult, mark_ended
 from callbot_core.errors import BackendError, CallbotError, InvalidInput
 
 MAX_TURNS = 20
@@ -107,17 +108,19 @@ def simulate_call(
     caller_model: str | None = None,
     params: GenerationParams | None = None,
     caller_params: GenerationParams | None = None,
-    user_id: int | None = None,
+    actor: Actor,
     on_turn: Callable[[SimulatedTurn], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> SimulationResult:
-    """Drive `caller.turns` exchanges with `bot_ref`; a failed bot turn stays stored and ends the call."""
+    """Drive `caller.turns` exchanges with `bot_ref` as `actor` (who must be allowed to chat: the calls are theirs);
+    a failed bot turn stays stored and ends the call."""
+    require(actor, "chat")
     caller.validate()
     llm = (
         service.backend(caller_backend) if caller_backend is None or isinstance(caller_backend, str) else caller_backend
     )
     gen = caller_params or GenerationParams(temperature=0.8, top_p=0.95, max_tokens=params.max_tokens if params else 48)
-    info = service.start(bot_ref, user_id=user_id, channel="simulated")
+    info = service.start(bot_ref, actor=actor, channel="simulated")
     result = SimulationResult(conversation_id=info.id, greeting=info.greeting)
     if on_start:
         on_start(info.id)
@@ -127,7 +130,7 @@ def simulate_call(
                 said = caller.opening.strip()
             else:
                 said = _caller_says(llm, caller_model, gen, caller, result)
-            stream = service.send(info.id, said, params=params)
+            stream = service.send(info.id, said, params=params, actor=actor)
             with contextlib.suppress(CallbotError):
                 stream.text()
             turn_result = stream.result
@@ -140,8 +143,9 @@ def simulate_call(
                 result.error = f"bot turn {index + 1} failed: {turn_result.error}"
                 break
     finally:
-        with contextlib.suppress(CallbotError):
-            _end_quietly(service, info.id)
+        # Ended without summaries, as suite runs are: the transcript is the measurement.
+        with contextlib.suppress(CallbotError), service.store.session() as session:
+            mark_ended(session, info.id)
     return result
 
 
@@ -167,16 +171,3 @@ def _caller_says(
         f"The simulated caller's model ({llm.name}) gave no usable caller line twice; "
         "try another caller model or a higher max_tokens"
     )
-
-
-def _end_quietly(service: ConversationService, conversation_id: int) -> None:
-    # Ended without summaries, as suite runs are: the transcript is the measurement.
-    from sqlalchemy import select
-
-    from callbot_core.store.models import Conversation, utcnow
-
-    with service.store.session() as session:
-        conversation = session.scalar(select(Conversation).where(Conversation.id == conversation_id))
-        if conversation is not None and conversation.status == "active":
-            conversation.status = "ended"
-            conversation.ended_at = utcnow()

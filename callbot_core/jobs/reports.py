@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from callbot_core.access import audit
+from callbot_core.access.permissions import Actor, require
 from callbot_core.errors import ConfigError, InvalidInput, NotFound
 from callbot_core.jobs import runs
 from callbot_core.settings import PROJECT_ROOT, Settings, get_settings
@@ -320,18 +321,23 @@ def run_report(
     name: str,
     parameters: Mapping[str, Any] | None = None,
     *,
-    requested_by: str | None = None,
+    actor: Actor,
     progress: Progress | None = None,
     settings: Settings | None = None,
 ) -> ReportRunInfo:
-    """Run a report notebook now and return its stored run (succeeded or failed; a failure is not raised).
+    """Run a report notebook now as `actor` and return its stored run (succeeded or failed; a failure is not raised).
 
-    Raises NotFound for an unknown report and InvalidInput for bad parameters, before anything is stored.
+    Raises PermissionDenied, NotFound for an unknown report and InvalidInput for bad parameters, before anything
+    is stored.
     """
     import papermill
 
+    require(actor, "report.run")
     path = report_path(name)
     values = coerce_parameters(name, parameters)
+    if values.get("database_url") is not None:
+        # The notebook reads whatever that URL reaches, with the server's network access: an admin's call.
+        require(actor, "report.other_database")
     settings = settings or get_settings()
     kernel = _kernel_name()
     out_dir = settings.resolved_runtime_dir() / "reports"
@@ -340,12 +346,12 @@ def run_report(
     shown = _redacted(values)
     with store.session() as session:
         row = ReportRun(
-            name=name, parameters=shown, requested_by=requested_by, status="running", worker=runs.worker_id()
+            name=name, parameters=shown, requested_by=actor.username, status="running", worker=runs.worker_id()
         )
         session.add(row)
         session.flush()
         run_id = row.id
-        audit.record(session, "report.run", actor=requested_by, target=f"{name}#{run_id}", detail=shown)
+        audit.record(session, "report.run", actor=actor.username, target=f"{name}#{run_id}", detail=shown)
 
     nb_path = out_dir / f"{run_id}-{name}.ipynb"
     html_path = out_dir / f"{run_id}-{name}.html"

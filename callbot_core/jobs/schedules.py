@@ -24,6 +24,7 @@ from croniter import croniter
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from callbot_core.access.permissions import pipeline_actor
 from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.jobs import reports, runs
 from callbot_core.jobs import system_metrics as sysmetrics
@@ -260,7 +261,7 @@ def _run_job(store: Store, job: Job, run_id: int, due_at: datetime, settings: Se
                 store,
                 job.report,
                 resolve_parameters(job, due_at),
-                requested_by=f"pipeline:{job.name}",
+                actor=pipeline_actor(job.name),
                 settings=settings,
             )
             status, error, report_run_id, html = run.status, run.error, run.id, run.output_html

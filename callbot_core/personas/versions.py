@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,8 +18,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from callbot_core.access import audit
+from callbot_core.access.permissions import Actor, require
 from callbot_core.errors import Conflict, InvalidInput, NotFound
 from callbot_core.personas.catalog import get_persona_version, parse_persona_ref
+from callbot_core.personas.fields import check_field
 from callbot_core.store.models import Persona, PersonaVersion
 
 if TYPE_CHECKING:
@@ -126,12 +127,6 @@ def _info(version: PersonaVersion) -> VersionInfo:
 # -- validation ---------------------------------------------------------------------------------
 
 
-def _number(field: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidInput(f"{field} must be a number, not {value!r}")
-    return float(value)
-
-
 def _str_list(field: str, value: object) -> list[str]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise InvalidInput(f"{field} must be a list of strings, not {value!r}")
@@ -157,20 +152,9 @@ def _validate(fields: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(out["greeting"], str):
             raise InvalidInput(f"greeting must be a string, not {out['greeting']!r}")
         out["greeting"] = out["greeting"].strip()
-    if "temperature" in out:
-        t = _number("temperature", out["temperature"])
-        if not 0 <= t <= 2:
-            raise InvalidInput(f"temperature must be between 0 and 2, not {t}")
-        out["temperature"] = t
-    if "top_p" in out:
-        p = _number("top_p", out["top_p"])
-        if not 0 < p <= 1:
-            raise InvalidInput(f"top_p must be above 0 and at most 1, not {p}")
-        out["top_p"] = p
-    if "max_tokens" in out:
-        m = out["max_tokens"]
-        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 4096:
-            raise InvalidInput(f"max_tokens must be a whole number from 1 to 4096, not {m!r}")
+    for name in ("temperature", "top_p", "max_tokens"):
+        if name in out:  # ranges and their messages: personas/fields.py, shared with comparisons and suites
+            out[name] = check_field(name, out[name])
     for name in ("stop_words", "tags"):
         if name in out:
             out[name] = _str_list(name, out[name])
@@ -246,9 +230,10 @@ def create_persona(
     model: str | None = None,
     voice: str | None = None,
     tags: list[str] | None = None,
-    actor: str | None = None,
+    actor: Actor,
 ) -> VersionInfo:
     """A new persona with its version 1. Raises Conflict when the key is taken."""
+    require(actor, "persona.edit")
     fields = dict(
         system_prompt=system_prompt,
         greeting=greeting,
@@ -262,8 +247,8 @@ def create_persona(
         tags=tags or [],
     )
     with store.session() as session:
-        version = _create(session, key, name, description, fields, actor=actor, note="created")
-        audit.record(session, "persona.create", actor=actor, target=f"{key}@1")
+        version = _create(session, key, name, description, fields, actor=actor.username, note="created")
+        audit.record(session, "persona.create", actor=actor.username, target=f"{key}@1")
         return _info(version)
 
 
@@ -300,16 +285,16 @@ def _new_version(
     return version
 
 
-def save_version(
-    store: Store, key: str, changes: dict[str, Any], *, actor: str | None = None, note: str = ""
-) -> VersionInfo:
+def save_version(store: Store, key: str, changes: dict[str, Any], *, actor: Actor, note: str = "") -> VersionInfo:
     """Save an edit as a new version (latest + 1); fields not in `changes` are copied from the latest."""
+    require(actor, "persona.edit")
     with store.session() as session:
-        return _info(_new_version(session, _persona(session, key), changes, actor=actor, note=note))
+        return _info(_new_version(session, _persona(session, key), changes, actor=actor.username, note=note))
 
 
-def clone_persona(store: Store, ref: str, new_key: str, new_name: str, *, actor: str | None = None) -> VersionInfo:
+def clone_persona(store: Store, ref: str, new_key: str, new_name: str, *, actor: Actor) -> VersionInfo:
     """A new persona whose version 1 copies `ref` (`key` or `key@version`)."""
+    require(actor, "persona.edit")
     with store.session() as session:
         source = get_persona_version(session, ref)
         fields = {name: getattr(source, name) for name in VERSION_FIELDS}
@@ -320,23 +305,25 @@ def clone_persona(store: Store, ref: str, new_key: str, new_name: str, *, actor:
             new_name,
             source.persona.description,
             fields,
-            actor=actor,
+            actor=actor.username,
             note=f"cloned from {source_ref}",
         )
-        audit.record(session, "persona.clone", actor=actor, target=f"{new_key}@1", detail={"from": source_ref})
+        audit.record(session, "persona.clone", actor=actor.username, target=f"{new_key}@1", detail={"from": source_ref})
         return _info(version)
 
 
-def archive_persona(store: Store, key: str, *, archived: bool = True, actor: str | None = None) -> None:
+def archive_persona(store: Store, key: str, *, archived: bool = True, actor: Actor) -> None:
     """Hide a persona from the catalogue (or bring it back); its versions stay readable and usable by ref."""
+    require(actor, "persona.edit")
     with store.session() as session:
         persona = _persona(session, key)
         persona.archived = archived
-        audit.record(session, "persona.archive", actor=actor, target=key, detail={"archived": archived})
+        audit.record(session, "persona.archive", actor=actor.username, target=key, detail={"archived": archived})
 
 
-def set_production(store: Store, ref: str, *, actor: str | None = None) -> VersionInfo:
+def set_production(store: Store, ref: str, *, actor: Actor) -> VersionInfo:
     """Move the persona's `production` label to `ref` (the latest version when no version is given)."""
+    require(actor, "persona.promote")
     with store.session() as session:
         version = get_persona_version(session, ref)
         persona = version.persona
@@ -346,7 +333,7 @@ def set_production(store: Store, ref: str, *, actor: str | None = None) -> Versi
         audit.record(
             session,
             "persona.production",
-            actor=actor,
+            actor=actor.username,
             target=f"{persona.key}@{version.version}",
             detail={"previous_version_id": previous},
         )
@@ -541,10 +528,9 @@ def _card_fields(data: dict[str, Any]) -> dict[str, Any]:
         raise InvalidInput(f"data.extensions.callbot.{exc}") from None
 
 
-def import_card(
-    store: Store, card: dict | bytes | str, *, actor: str | None = None, key: str | None = None
-) -> VersionInfo:
+def import_card(store: Store, card: dict | bytes | str, *, actor: Actor, key: str | None = None) -> VersionInfo:
     """Import a Character Card V2 (JSON only): a new persona, or a new version when the key exists."""
+    require(actor, "persona.edit")
     data = _parse_card(card)
     fields = _card_fields(data)
     ours = (data.get("extensions") or {}).get("callbot") or {}
@@ -557,12 +543,18 @@ def import_card(
         persona = session.scalar(select(Persona).where(Persona.key == key))
         if persona is None:
             version = _create(
-                session, key, data["name"], data.get("description") or "", fields, actor=actor, note="imported card"
+                session,
+                key,
+                data["name"],
+                data.get("description") or "",
+                fields,
+                actor=actor.username,
+                note="imported card",
             )
-            audit.record(session, "persona.create", actor=actor, target=f"{key}@1", detail={"source": "card"})
+            audit.record(session, "persona.create", actor=actor.username, target=f"{key}@1", detail={"source": "card"})
         else:
             changes = {**fields, "name": data["name"], "description": data.get("description") or ""}
-            version = _new_version(session, persona, changes, actor=actor, note="imported card")
+            version = _new_version(session, persona, changes, actor=actor.username, note="imported card")
         return _info(version)
 
 

@@ -207,6 +207,31 @@ class TurnMetrics(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class TurnStage(Base):
+    """One stage of a turn (validate, prompt, generate, persist...) as its one clock timed it.
+
+    Hangs off the turn's `turn_metrics` row, so deleting a conversation removes its stages with its turns. Only
+    stages that ran have a row: after a failure, stages that record nothing are skipped; the failing stage's row
+    carries the error.
+    """
+
+    __tablename__ = "turn_stages"
+    __table_args__ = (UniqueConstraint("turn_metrics_id", "position", name="uq_turn_stages_turn_position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # No index of its own: the unique (turn_metrics_id, position) index serves lookups and the cascade.
+    turn_metrics_id: Mapped[int] = mapped_column(ForeignKey("turn_metrics.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(40))
+    # The stage's place in the turn's stage list (0 = first), so rows read in the order the stages ran.
+    position: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The stage's first output (for generate: the first token); NULL for stages that produce none.
+    first_output_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ms: Mapped[float] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
 class AuditLog(Base):
     __tablename__ = "audit_log"
 

@@ -17,6 +17,8 @@ import pytest
 from sqlalchemy import select
 
 from callbot_core.access import audit
+from callbot_core.access.permissions import LOCAL_OPERATOR as OP
+from callbot_core.access.permissions import OperatorActor
 from callbot_core.analytics import (
     DASHBOARD_QUERIES,
     VIEW_DOCS,
@@ -41,6 +43,8 @@ from callbot_core.store.models import (
 )
 
 CALLBOT = str(Path(sys.executable).with_name("callbot"))
+# An admin who is not the local operator, so the audit rows show whose query it was.
+ADA = OperatorActor(username="ada", role="admin")
 
 
 def at(day: int, hour: int, minute: int = 0, second: int = 0) -> datetime:
@@ -151,7 +155,7 @@ def an(store, tmp_path: Path) -> Analytics:
 
 
 def rows(an: Analytics, sql: str) -> list[dict]:
-    return an.query(sql, max_rows=10_000).to_df().to_dict("records")
+    return an.query(sql, max_rows=10_000, actor=OP).to_df().to_dict("records")
 
 
 def by(records: list[dict], key: str) -> dict:
@@ -295,7 +299,7 @@ def test_refresh_is_incremental_and_reflects_new_updated_and_deleted_rows(an: An
     assert b == [{"status": "ended", "duration_s": 1800.0, "summary_short_words": 3}]
 
     # A deleted conversation disappears with its messages and turns.
-    delete_conversation(store, data.a, actor="test")
+    delete_conversation(store, data.a, actor=OP)
     stats = an.refresh()
     assert stats.deleted == {"conversations": 1, "messages": 5, "turn_metrics": 2}
     assert rows(an, f"select count(*) as n from turns where conversation_id = {data.a}") == [{"n": 0}]
@@ -317,7 +321,7 @@ def test_refresh_is_incremental_and_reflects_new_updated_and_deleted_rows(an: An
 def test_a_reused_id_shows_the_new_conversation_not_the_old(an: Analytics, store, data: Dataset) -> None:
     # SQLite hands the highest id out again once its row is deleted; the snapshot must not keep the old rows.
     an.refresh()
-    delete_conversation(store, data.c)
+    delete_conversation(store, data.c, actor=OP)
     with store.session() as s:
         new = add_conversation(
             s, version_of(s, "sales"), backend="openai", model="m3", user=None, started=at(13, 10),
@@ -356,7 +360,7 @@ def test_bulk_and_row_by_row_copies_agree(
     monkeypatch.undo()
     for view in ("turns", "conversations_stats", "persona_performance", "daily_activity", "system_metrics"):
         ordered = f"select * from {view} order by all"
-        assert native.query(ordered).rows == bulk.query(ordered).rows, view
+        assert native.query(ordered, actor=OP).rows == bulk.query(ordered, actor=OP).rows, view
 
 
 def test_a_lost_sidecar_or_snapshot_is_recovered(an: Analytics, data: Dataset) -> None:
@@ -383,29 +387,29 @@ def test_the_store_must_be_migrated(tmp_path: Path) -> None:
 
 
 def test_row_limit_marks_the_result_truncated(an: Analytics, data: Dataset) -> None:
-    r = an.query("select * from range(50)", max_rows=10)
+    r = an.query("select * from range(50)", max_rows=10, actor=OP)
     assert len(r.rows) == 10 and r.truncated and r.columns == ["range"]
-    r = an.query("select * from range(50)", max_rows=50)
+    r = an.query("select * from range(50)", max_rows=50, actor=OP)
     assert len(r.rows) == 50 and not r.truncated
-    assert an.query("select 1 as x", max_rows=0).truncated
+    assert an.query("select 1 as x", max_rows=0, actor=OP).truncated
 
 
 def test_a_slow_query_times_out_with_a_clear_error(an: Analytics, store, data: Dataset) -> None:
     with pytest.raises(QueryTimeout, match=r"timed out after 0.3 s"):
         an.query("select sum(hash(a.range * b.range)) from range(100000) a, range(100000) b", timeout_s=0.3,
-                 actor="ada")  # fmt: skip
-    entry = audit.recent(store, limit=1, action_prefix="sql.")[0]
+                 actor=ADA)  # fmt: skip
+    entry = audit.recent(store, limit=1, action_prefix="sql.", actor=OP)[0]
     assert entry.action == "sql.query" and entry.actor == "ada" and entry.detail["status"] == "timeout"
-    assert an.query("select 1 as ok").rows == [(1,)]  # the connection is usable again
+    assert an.query("select 1 as ok", actor=OP).rows == [(1,)]  # the connection is usable again
 
 
 def test_every_user_query_is_audited(an: Analytics, store, data: Dataset) -> None:
-    an.query("select persona from turns", actor="ada", client_addr="10.0.0.7")
+    an.query("select persona from turns", actor=ADA, client_addr="10.0.0.7")
     with pytest.raises(ForbiddenSQL):
-        an.query("drop table messages", actor="ada")
+        an.query("drop table messages", actor=ADA)
     with pytest.raises(InvalidInput, match="The query failed"):
-        an.query("select nope from turns", actor="ada")
-    entries = audit.recent(store, limit=3, action_prefix="sql.")[::-1]
+        an.query("select nope from turns", actor=ADA)
+    entries = audit.recent(store, limit=3, action_prefix="sql.", actor=OP)[::-1]
     ok, refused, failed = entries
     assert ok.action == "sql.query" and ok.client_addr == "10.0.0.7" and ok.actor == "ada"
     assert ok.detail["sql"] == "select persona from turns" and ok.detail["rows"] == 6 and ok.detail["status"] == "ok"
@@ -419,17 +423,17 @@ def test_export_writes_the_whole_result_atomically(an: Analytics, store, data: D
     sql = "select turn_id, persona, ttft_ms from turns order by turn_id"
     for fmt in ("csv", "json", "parquet"):
         out = tmp_path / "out" / f"turns.{fmt}"
-        assert an.export(sql, fmt, out, actor="ada") == 6
+        assert an.export(sql, fmt, out, actor=ADA) == 6
         back = duckdb.sql(f"select * from '{out}'").fetchall()
         assert len(back) == 6 and back[0][1] == "receptionist"
     assert json.loads((tmp_path / "out" / "turns.json").read_text())[0]["persona"] == "receptionist"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["turns.csv", "turns.json", "turns.parquet"]
     with pytest.raises(ForbiddenSQL):
-        an.export("copy turns to 'x.csv'", "csv", tmp_path / "x.csv")
+        an.export("copy turns to 'x.csv'", "csv", tmp_path / "x.csv", actor=OP)
     with pytest.raises(InvalidInput, match="Unknown export format"):
-        an.export(sql, "xlsx", tmp_path / "x.xlsx")
+        an.export(sql, "xlsx", tmp_path / "x.xlsx", actor=OP)
     assert not (tmp_path / "x.csv").exists()
-    assert audit.recent(store, limit=1, action_prefix="sql.export")[0].detail["rows"] == 6
+    assert audit.recent(store, limit=1, action_prefix="sql.export", actor=OP)[0].detail["rows"] == 6
 
 
 def test_threads_and_processes_share_the_snapshot(an: Analytics, store, data: Dataset, tmp_path: Path) -> None:
@@ -438,15 +442,16 @@ def test_threads_and_processes_share_the_snapshot(an: Analytics, store, data: Da
     script = (
         "import sys; from pathlib import Path; from callbot_core.store import Store; "
         "from callbot_core.analytics import Analytics; "
+        "from callbot_core.access.permissions import LOCAL_OPERATOR as OP; "
         f"an = Analytics(Store({store.url!r}), Path({str(an.snapshot_path)!r})); "
-        "[an.query('select count(*) from turns') for _ in range(15)]"
+        "[an.query('select count(*) from turns', actor=OP) for _ in range(15)]"
     )
     child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
 
     def work() -> None:
         try:
             for _ in range(8):
-                an.query("select persona, count(*) from turns group by 1")
+                an.query("select persona, count(*) from turns group by 1", actor=OP)
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
@@ -472,7 +477,9 @@ def test_a_long_query_does_not_hold_up_other_readers(an: Analytics, data: Datase
 
     def slow() -> None:
         try:
-            an.query("select sum(hash(a.range * b.range)) from range(100000) a, range(100000) b", timeout_s=1.5)
+            an.query(
+                "select sum(hash(a.range * b.range)) from range(100000) a, range(100000) b", timeout_s=1.5, actor=OP
+            )
         except QueryTimeout as exc:
             slow_error.append(exc)
 
@@ -480,7 +487,7 @@ def test_a_long_query_does_not_hold_up_other_readers(an: Analytics, data: Datase
     worker.start()
     try:
         for _ in range(5):  # readers share the snapshot: these finish while the slow one still runs
-            assert an.query("select count(*) from turns").rows == [(6,)]
+            assert an.query("select count(*) from turns", actor=OP).rows == [(6,)]
         assert worker.is_alive()
     finally:
         worker.join()

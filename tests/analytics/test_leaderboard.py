@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.analytics import Analytics
 from callbot_core.personas.versions import set_production
 from callbot_core.store.models import (
@@ -109,7 +110,7 @@ def build(store) -> dict[str, int]:
 
 
 def board(an: Analytics) -> dict[tuple[str, int, str], dict]:
-    records = an.query("select * from leaderboard", max_rows=1000).to_df().to_dict("records")
+    records = an.query("select * from leaderboard", max_rows=1000, actor=LOCAL_OPERATOR).to_df().to_dict("records")
     return {(r["persona"], r["persona_version"], r["params"]): r for r in records}
 
 
@@ -151,7 +152,7 @@ def test_leaderboard_numbers(store, tmp_path: Path) -> None:
 
     # Changes reach the snapshot: the production label, a run's status, a new vote, a deleted variant
     # conversation (cascade).
-    set_production(store, "receptionist@2")
+    set_production(store, "receptionist@2", actor=LOCAL_OPERATOR)
     rows = board(an)
     assert {k: r["production"] for k, r in rows.items()} == {
         ("receptionist", 1, '{"temperature": 0.2}'): False,
@@ -164,7 +165,7 @@ def test_leaderboard_numbers(store, tmp_path: Path) -> None:
         s.add(ComparisonVote(comparison_id=ids["comparison"], turn_index=3, variant_id=ids["vb"]))
     rows = board(an)
     assert (rows[("receptionist", 2, HOT)]["votes"], rows[("receptionist", 2, HOT)]["comparisons"]) == (2, 4)
-    status = an.query(f"select status from raw.eval_runs where id = {ids['r3']}").rows
+    status = an.query(f"select status from raw.eval_runs where id = {ids['r3']}", actor=LOCAL_OPERATOR).rows
     assert status == [("failed",)]
     with store.session() as s:
         s.query(ComparisonVote).filter(ComparisonVote.variant_id == ids["vb"]).delete()

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 import streamlit as st
 
+from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.access.signin import create_user, ensure_admin
 from callbot_core.settings import get_settings
 from callbot_core.store import Store
@@ -38,8 +39,8 @@ def app_store(tmp_path_factory: pytest.TempPathFactory, fake_ollama: FakeOllama)
     store = Store(f"sqlite:///{tmp / 'app.db'}")
     store.upgrade()
     ensure_admin(store, ADMIN_PW)
-    create_user(store, "rita", PW, role="researcher")
-    create_user(store, "vera", PW, role="viewer")
+    create_user(store, "rita", PW, role="researcher", actor=LOCAL_OPERATOR)
+    create_user(store, "vera", PW, role="viewer", actor=LOCAL_OPERATOR)
     yield store
     mp.undo()
     get_settings.cache_clear()

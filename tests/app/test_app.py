@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
+from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.access.signin import MAX_FAILED_LOGINS, create_user, get_user_info
 from callbot_core.store import Store
 from callbot_core.store.models import AuditLog
@@ -54,7 +55,7 @@ def test_wrong_password_is_refused(app_store: Store) -> None:
 
 
 def test_five_failures_lock_the_account_until_an_admin_unlocks_it(app_store: Store) -> None:
-    create_user(app_store, "luke", PW, role="researcher")
+    create_user(app_store, "luke", PW, role="researcher", actor=LOCAL_OPERATOR)
     for _ in range(MAX_FAILED_LOGINS - 1):
         assert "Username or password is incorrect." in [e.value for e in sign_in("luke", "wrong-wrong").error]
     fifth = sign_in("luke", "wrong-wrong")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.backends.llm.ollama import OllamaBackend
 from callbot_core.conversations.service import ConversationService
 from callbot_core.settings import Settings
@@ -19,9 +20,9 @@ def with_turns(app_store: Store, fake_ollama: FakeOllama) -> Store:
     backend = OllamaBackend(fake_ollama.url, default_model="smollm2:135m")
     service = ConversationService(app_store, Settings(_env_file=None), backends=lambda name: backend)  # type: ignore[call-arg]
     for persona, questions in (("receptionist", ["Opening hours?", "Parking?"]), ("support", ["Where is my parcel?"])):
-        info = service.start(persona, user_id=None)
+        info = service.start(persona, actor=LOCAL_OPERATOR)
         for q in questions:
-            service.send(info.id, q).text()
+            service.send(info.id, q, actor=LOCAL_OPERATOR).text()
     return app_store
 
 

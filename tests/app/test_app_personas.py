@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.personas.versions import get_version, list_versions, production_version
+from callbot_core.settings import get_settings
 from callbot_core.store import Store
 from tests.app.helpers import PW, button, sign_in, titles, view
 
@@ -63,7 +67,9 @@ def test_viewers_read_but_do_not_edit(app_store: Store) -> None:
     assert any("Viewers read personas" in i.value for i in at.info)
 
 
-def test_a_researcher_runs_a_suite_with_progress(app_store: Store, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_researcher_runs_a_suite_with_progress(
+    request: pytest.FixtureRequest, app_store: Store, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import select
 
     from callbot_core.personas.versions import save_version
@@ -76,7 +82,12 @@ def test_a_researcher_runs_a_suite_with_progress(app_store: Store, tmp_path, mon
         encoding="utf-8",
     )
     monkeypatch.setenv("CALLBOT_SUITES_DIR", str(suites))
-    fast = save_version(app_store, "receptionist", {"max_tokens": 12}, note="short replies for a fast test")
+    # Settings are read once per process: read them again with the suites folder, and again after the test.
+    get_settings.cache_clear()
+    request.addfinalizer(get_settings.cache_clear)
+    fast = save_version(
+        app_store, "receptionist", {"max_tokens": 12}, note="short replies for a fast test", actor=LOCAL_OPERATOR
+    )
     at = _personas()
     at.selectbox(key="personas_key").select("receptionist").run()
     assert at.selectbox(key="ps_suite").options == ["tiny.yaml", "(uploaded file)"]
@@ -107,7 +118,7 @@ def test_the_edit_form_shows_the_selected_version(app_store: Store) -> None:
     """Switching persona or version refills the form: saving must never copy another version's fields."""
     from callbot_core.personas.versions import save_version
 
-    new = save_version(app_store, "tutor", {"system_prompt": "Tutor, the newest version."})
+    new = save_version(app_store, "tutor", {"system_prompt": "Tutor, the newest version."}, actor=LOCAL_OPERATOR)
     old = f"tutor@{new.version - 1}"
     at = _personas()
     at.selectbox(key="personas_key").select("sales").run()

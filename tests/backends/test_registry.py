@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.backends.embeddings import Embedder, embedders, get_embedder, similarity
 from callbot_core.backends.llm import (
     ChatMessage,
@@ -90,9 +91,9 @@ def test_a_fake_goes_through_the_real_registry_and_runs_a_turn(echo: None, store
     backend = get_backend("echo", settings)
     assert isinstance(backend, LLMBackend) and isinstance(backend, EchoBackend)
     service = ConversationService(store=store, settings=settings)
-    info = service.start("receptionist", backend="echo")
+    info = service.start("receptionist", backend="echo", actor=LOCAL_OPERATOR)
     assert (info.backend, info.model) == ("echo", "echo-1")
-    assert service.send(info.id, "hello there").text() == "You said: hello there"
+    assert service.send(info.id, "hello there", actor=LOCAL_OPERATOR).text() == "You said: hello there"
 
 
 def test_instances_are_cached_per_settings_object(echo: None) -> None:

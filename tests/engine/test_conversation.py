@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
+from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.backends.llm import GenerationParams
 from callbot_core.backends.llm.ollama import OllamaBackend
 from callbot_core.conversations.service import ConversationService
@@ -44,9 +45,9 @@ def _ollama_service(store, settings, url: str, read_timeout_s: float = 0.5) -> C
 
 
 def test_a_turn_streams_and_is_stored_with_its_metrics(service, store) -> None:
-    info = service.start("receptionist")
+    info = service.start("receptionist", actor=LOCAL_OPERATOR)
     assert info.greeting.startswith("Good morning")
-    turn = service.send(info.id, "What are your opening hours?", params=TINY)
+    turn = service.send(info.id, "What are your opening hours?", params=TINY, actor=LOCAL_OPERATOR)
     pieces = list(turn)
     assert len(pieces) >= 2, "the reply should arrive token by token"
     result = turn.result
@@ -68,10 +69,10 @@ def test_a_turn_streams_and_is_stored_with_its_metrics(service, store) -> None:
 
 
 def test_history_is_sent_with_each_turn(service, store) -> None:
-    info = service.start("assistant")
-    service.send(info.id, "My name is Zebulon.", params=TINY).text()
-    turn = service.send(info.id, "What is my name?", params=TINY)
-    sent = [m.content for m in turn._plan.messages]
+    info = service.start("assistant", actor=LOCAL_OPERATOR)
+    service.send(info.id, "My name is Zebulon.", params=TINY, actor=LOCAL_OPERATOR).text()
+    turn = service.send(info.id, "What is my name?", params=TINY, actor=LOCAL_OPERATOR)
+    sent = [m.content for m in turn.turn.messages]
     assert sent[0].startswith("You are a helpful assistant")
     assert "My name is Zebulon." in sent and sent[-1] == "What is my name?"
     turn.text()
@@ -79,9 +80,12 @@ def test_history_is_sent_with_each_turn(service, store) -> None:
 
 
 def test_same_seed_gives_the_same_reply(service) -> None:
-    a = service.start("assistant")
-    b = service.start("assistant")
-    assert service.send(a.id, "Say hello.", params=TINY).text() == service.send(b.id, "Say hello.", params=TINY).text()
+    a = service.start("assistant", actor=LOCAL_OPERATOR)
+    b = service.start("assistant", actor=LOCAL_OPERATOR)
+    assert (
+        service.send(a.id, "Say hello.", params=TINY, actor=LOCAL_OPERATOR).text()
+        == service.send(b.id, "Say hello.", params=TINY, actor=LOCAL_OPERATOR).text()
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,51 +99,51 @@ def test_same_seed_gives_the_same_reply(service) -> None:
     ],
 )
 def test_bad_messages_are_refused_and_nothing_is_stored(service, store, text, message) -> None:
-    info = service.start("assistant")
+    info = service.start("assistant", actor=LOCAL_OPERATOR)
     before = _counts(store)
     with pytest.raises(InvalidInput, match=message):
-        service.send(info.id, text)
+        service.send(info.id, text, actor=LOCAL_OPERATOR)
     assert _counts(store) == before
 
 
 def test_message_limit_is_configurable(store, settings, embedded) -> None:
     settings = settings.model_copy(update={"max_message_chars": 10})
     service = ConversationService(store, settings, backends=lambda name: embedded)
-    info = service.start("assistant")
+    info = service.start("assistant", actor=LOCAL_OPERATOR)
     with pytest.raises(InvalidInput, match="limit is 10"):
-        service.send(info.id, "eleven chars")
+        service.send(info.id, "eleven chars", actor=LOCAL_OPERATOR)
 
 
 def test_unknown_ids_are_clear_errors(service, store) -> None:
     with pytest.raises(NotFound, match="Unknown persona 'ghost'"):
-        service.start("ghost")
+        service.start("ghost", actor=LOCAL_OPERATOR)
     with pytest.raises(NotFound, match="Unknown conversation id 999"):
-        service.send(999, "hello")
+        service.send(999, "hello", actor=LOCAL_OPERATOR)
     with pytest.raises(InvalidInput, match="whole number"):
-        service.send("abc", "hello")  # type: ignore[arg-type]
+        service.send("abc", "hello", actor=LOCAL_OPERATOR)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="Channel 'fax'"):
-        service.start("assistant", channel="fax")
+        service.start("assistant", channel="fax", actor=LOCAL_OPERATOR)
     assert _counts(store) == (0, 0, 0)
 
 
 def test_control_characters_are_removed(service, store) -> None:
-    info = service.start("assistant")
-    service.send(info.id, "Hi\x00 there\x1b", params=TINY).text()
+    info = service.start("assistant", actor=LOCAL_OPERATOR)
+    service.send(info.id, "Hi\x00 there\x1b", params=TINY, actor=LOCAL_OPERATOR).text()
     assert get_conversation(store, info.id).messages[1].text == "Hi there"
 
 
 def test_an_ended_conversation_takes_no_more_turns(service, store) -> None:
-    info = service.start("assistant")
-    summaries = service.end(info.id)
+    info = service.start("assistant", actor=LOCAL_OPERATOR)
+    summaries = service.end(info.id, actor=LOCAL_OPERATOR)
     assert summaries.short == summaries.full  # no caller turns: nothing for the model to summarise
     with pytest.raises(Conflict, match="has ended"):
-        service.send(info.id, "hello?")
+        service.send(info.id, "hello?", actor=LOCAL_OPERATOR)
 
 
 def test_end_writes_and_stores_both_summaries(service, store) -> None:
-    info = service.start("receptionist")
-    service.send(info.id, "Can I book an appointment for Tuesday?", params=TINY).text()
-    summaries = service.end(info.id)
+    info = service.start("receptionist", actor=LOCAL_OPERATOR)
+    service.send(info.id, "Can I book an appointment for Tuesday?", params=TINY, actor=LOCAL_OPERATOR).text()
+    summaries = service.end(info.id, actor=LOCAL_OPERATOR)
     assert summaries.short and summaries.full
     detail = get_conversation(store, info.id)
     assert detail.row.status == "ended" and detail.row.ended_at is not None
@@ -150,8 +154,8 @@ def test_end_writes_and_stores_both_summaries(service, store) -> None:
 def test_backend_down_stores_a_failed_turn_and_no_reply(store, settings) -> None:
     url = down_url()
     service = _ollama_service(store, settings, url)
-    info = service.start("assistant", model="smollm2:135m")
-    turn = service.send(info.id, "Hello?")
+    info = service.start("assistant", model="smollm2:135m", actor=LOCAL_OPERATOR)
+    turn = service.send(info.id, "Hello?", actor=LOCAL_OPERATOR)
     with pytest.raises(BackendUnavailable, match=f"Ollama at {url} is not reachable"):
         list(turn)
     _assert_failed_turn(store, info.id, "not reachable")
@@ -160,17 +164,17 @@ def test_backend_down_stores_a_failed_turn_and_no_reply(store, settings) -> None
 def test_backend_error_500_stores_a_failed_turn(store, settings) -> None:
     with FakeOllama(mode="error500") as fake:
         service = _ollama_service(store, settings, fake.url)
-        info = service.start("assistant")
+        info = service.start("assistant", actor=LOCAL_OPERATOR)
         with pytest.raises(BackendResponseError, match="500"):
-            service.send(info.id, "Hello?").text()
+            service.send(info.id, "Hello?", actor=LOCAL_OPERATOR).text()
     _assert_failed_turn(store, info.id, "500")
 
 
 def test_backend_stalling_mid_stream_keeps_no_half_reply(store, settings) -> None:
     with FakeOllama(mode="stall", reply=("One", " two", " three"), chunks_before_trouble=2) as fake:
         service = _ollama_service(store, settings, fake.url, read_timeout_s=0.5)
-        info = service.start("assistant")
-        turn = service.send(info.id, "Count please")
+        info = service.start("assistant", actor=LOCAL_OPERATOR)
+        turn = service.send(info.id, "Count please", actor=LOCAL_OPERATOR)
         got: list[str] = []
         with pytest.raises(BackendTimeout, match=fake.url):
             for piece in turn:
@@ -183,11 +187,11 @@ def test_backend_stalling_mid_stream_keeps_no_half_reply(store, settings) -> Non
 def test_a_failed_turn_is_left_out_of_later_history(store, settings) -> None:
     with FakeOllama(mode="error500") as fake:
         service = _ollama_service(store, settings, fake.url)
-        info = service.start("assistant")
+        info = service.start("assistant", actor=LOCAL_OPERATOR)
         with pytest.raises(BackendResponseError):
-            service.send(info.id, "first try").text()
+            service.send(info.id, "first try", actor=LOCAL_OPERATOR).text()
         fake.mode = "normal"
-        turn = service.send(info.id, "second try")
+        turn = service.send(info.id, "second try", actor=LOCAL_OPERATOR)
         assert turn.text() == "Hello there!"
     sent = fake.chat_requests[-1].body["messages"]
     assert [m["content"] for m in sent if m["role"] == "user"] == ["second try"]
@@ -198,8 +202,8 @@ def test_a_failed_turn_is_left_out_of_later_history(store, settings) -> None:
 def test_ollama_timings_are_kept(store, settings) -> None:
     with FakeOllama() as fake:
         service = _ollama_service(store, settings, fake.url)
-        info = service.start("assistant")
-        service.send(info.id, "hi").text()
+        info = service.start("assistant", actor=LOCAL_OPERATOR)
+        service.send(info.id, "hi", actor=LOCAL_OPERATOR).text()
     with store.session() as session:
         tm = session.scalars(select(TurnMetrics)).one()
     assert tm.backend == "ollama" and tm.model == "smollm2:135m"
@@ -208,8 +212,10 @@ def test_ollama_timings_are_kept(store, settings) -> None:
 
 
 def test_abandoning_a_stream_records_an_interrupted_turn(service, store) -> None:
-    info = service.start("assistant")
-    turn = service.send(info.id, "Tell me a long story.", params=GenerationParams(max_tokens=64, seed=1))
+    info = service.start("assistant", actor=LOCAL_OPERATOR)
+    turn = service.send(
+        info.id, "Tell me a long story.", params=GenerationParams(max_tokens=64, seed=1), actor=LOCAL_OPERATOR
+    )
     stream = iter(turn)
     next(stream)
     stream.close()  # type: ignore[attr-defined]
@@ -231,8 +237,8 @@ def _assert_failed_turn(store, conversation_id: int, error_part: str):
 
 
 def test_search_finds_messages_and_summaries(service, store) -> None:
-    info = service.start("receptionist")
-    service.send(info.id, "I need to reschedule my dentist appointment", params=TINY).text()
+    info = service.start("receptionist", actor=LOCAL_OPERATOR)
+    service.send(info.id, "I need to reschedule my dentist appointment", params=TINY, actor=LOCAL_OPERATOR).text()
     with store.session() as session:
         conv = session.get(Conversation, info.id)
         conv.summary_short = "The caller rescheduled a dentist visit."
@@ -246,8 +252,8 @@ def test_search_finds_messages_and_summaries(service, store) -> None:
 
 
 def test_search_semantics_per_engine(service, store) -> None:
-    info = service.start("assistant")
-    service.send(info.id, "The appointments were 100% cancelled", params=TINY).text()
+    info = service.start("assistant", actor=LOCAL_OPERATOR)
+    service.send(info.id, "The appointments were 100% cancelled", params=TINY, actor=LOCAL_OPERATOR).text()
     if store.dialect == "sqlite":
         # Substring search: LIKE wildcards typed by a user are literal characters.
         assert [h.message_id for h in search(store, "100%")]

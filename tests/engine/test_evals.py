@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from callbot_core.access.permissions import LOCAL_OPERATOR, OperatorActor
 from callbot_core.backends.embeddings import default_embedder, similarity
 from callbot_core.backends.llm.ollama import OllamaBackend
 from callbot_core.conversations.service import ConversationService, TurnResult
@@ -225,9 +226,9 @@ def test_a_small_suite_runs_as_a_grid_and_stores_every_result(store, settings, e
         params_grid={"max_tokens": [16], "temperature": [0.2, 0.7]},
         repeat=1,
         concurrency=2,
-        created_by="tester",
         progress=lambda done, total: calls.append((done, total)),
         context=embed_context,
+        actor=OperatorActor(username="tester", role="researcher"),
     )
     assert calls[0] == (0, 2) and calls[-1] == (2, 2)
     assert len(batch.cells) == 2
@@ -263,7 +264,12 @@ def test_a_failing_backend_marks_its_cells_as_errors_and_the_batch_goes_on(store
         backend = OllamaBackend(fake.url, default_model="m", connect_timeout_s=1, read_timeout_s=2)
         service = ConversationService(store, settings, backends=lambda name: backend)
         batch = run_suite(
-            service, parse_suite(SMALL_SUITE), ["support@1"], params_grid={"temperature": [0.1, 0.9]}, concurrency=2
+            service,
+            parse_suite(SMALL_SUITE),
+            ["support@1"],
+            params_grid={"temperature": [0.1, 0.9]},
+            concurrency=2,
+            actor=LOCAL_OPERATOR,
         )
     assert [c.status for c in batch.cells] == ["error", "error"]
     assert all("turn 1 failed" in (c.error or "") and "model exploded" in (c.error or "") for c in batch.cells)
@@ -278,11 +284,11 @@ def test_bad_input_is_refused_before_anything_is_stored(store, settings, embedde
     service = ConversationService(store, settings, backends=lambda name: embedded)
     suite = parse_suite(SMALL_SUITE)
     with pytest.raises(NotFound, match="Unknown persona 'pirate'"):
-        run_suite(service, suite, ["receptionist@1", "pirate@1"])
+        run_suite(service, suite, ["receptionist@1", "pirate@1"], actor=LOCAL_OPERATOR)
     with pytest.raises(InvalidInput, match="Unknown parameter 'warmth'"):
-        run_suite(service, suite, ["receptionist@1"], params_grid={"warmth": [1.0]})
+        run_suite(service, suite, ["receptionist@1"], params_grid={"warmth": [1.0]}, actor=LOCAL_OPERATOR)
     with pytest.raises(InvalidInput, match="names no persona"):
-        run_suite(service, suite, [])
+        run_suite(service, suite, [], actor=LOCAL_OPERATOR)
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(EvalRun)) == 0
 

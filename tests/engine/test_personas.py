@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from callbot_core.access import audit
+from callbot_core.access.permissions import LOCAL_OPERATOR, OperatorActor
 from callbot_core.backends.llm.ollama import OllamaBackend
 from callbot_core.conversations.service import ConversationService
 from callbot_core.errors import Conflict, InvalidInput, NotFound
@@ -33,6 +34,8 @@ from callbot_core.personas.versions import (
 from callbot_core.store.models import Conversation, Persona, PersonaVersion
 from tests.fake_ollama import FakeOllama
 
+T = OperatorActor(username="t", role="admin")
+
 
 def _service(store, settings, url: str) -> ConversationService:
     backend = OllamaBackend(url, default_model="smollm2:135m", connect_timeout_s=0.5, read_timeout_s=2)
@@ -48,24 +51,22 @@ def _counts(store) -> tuple[int, int]:
 
 
 def test_edits_make_new_versions_and_old_ones_stay_usable(store, settings) -> None:
-    v2 = save_version(
-        store, "receptionist", {"system_prompt": "You are a terse receptionist."}, actor="t", note="terse"
-    )
+    v2 = save_version(store, "receptionist", {"system_prompt": "You are a terse receptionist."}, actor=T, note="terse")
     assert v2.version == 2 and v2.note == "terse"
     v1 = get_version(store, "receptionist@1")
     assert v1.system_prompt.startswith("You are the receptionist") and v2.greeting == v1.greeting
     assert v2.temperature == v1.temperature  # unspecified fields are copied from the latest
-    v3 = save_version(store, "receptionist", {"temperature": 1.2}, actor="t")
+    v3 = save_version(store, "receptionist", {"temperature": 1.2}, actor=T)
     assert v3.system_prompt == "You are a terse receptionist." and v3.temperature == 1.2
     assert [v.version for v in list_versions(store, "receptionist")] == [1, 2, 3]
     with FakeOllama() as fake:
         service = _service(store, settings, fake.url)
-        info = service.start("receptionist@1")
+        info = service.start("receptionist@1", actor=LOCAL_OPERATOR)
         assert info.persona_version == 1
-        turn = service.send(info.id, "hi")
-        assert turn._plan.messages[0].content == v1.system_prompt
+        turn = service.send(info.id, "hi", actor=LOCAL_OPERATOR)
+        assert turn.turn.messages[0].content == v1.system_prompt
         turn.text()
-    assert [e.action for e in audit.recent(store, action_prefix="persona.")] == ["persona.version"] * 2
+    assert [e.action for e in audit.recent(store, actor=T, action_prefix="persona.")] == ["persona.version"] * 2
 
 
 @pytest.mark.parametrize(
@@ -83,15 +84,15 @@ def test_edits_make_new_versions_and_old_ones_stay_usable(store, settings) -> No
 def test_bad_edits_name_the_field_and_store_nothing(store, changes, field) -> None:
     before = _counts(store)
     with pytest.raises(InvalidInput, match=field):
-        save_version(store, "support", changes, actor="t")
+        save_version(store, "support", changes, actor=T)
     assert _counts(store) == before
 
 
 def test_a_used_version_cannot_change_but_save_version_still_works(store, settings) -> None:
     with FakeOllama() as fake:
         service = _service(store, settings, fake.url)
-        service.start("support@1")
-    v2 = save_version(store, "support", {"greeting": "Support here."}, actor="t")
+        service.start("support@1", actor=LOCAL_OPERATOR)
+    v2 = save_version(store, "support", {"greeting": "Support here."}, actor=T)
     assert v2.version == 2 and get_version(store, "support@1").greeting.startswith("Hello, thanks")
     with pytest.raises(Conflict, match="cannot change"), store.session() as session:
         get_persona_version(session, "support@1").greeting = "rewritten"
@@ -99,46 +100,51 @@ def test_a_used_version_cannot_change_but_save_version_still_works(store, settin
 
 
 def test_create_validates_the_key_and_refuses_duplicates(store) -> None:
-    info = create_persona(store, "bank-bot_2", "Bank bot", system_prompt="You work at a bank.", stop_words=["Caller:"])
+    info = create_persona(
+        store, "bank-bot_2", "Bank bot", system_prompt="You work at a bank.", stop_words=["Caller:"], actor=T
+    )
     assert info.ref == "bank-bot_2@1" and info.stop_words == ("Caller:",)
     with pytest.raises(Conflict):
-        create_persona(store, "bank-bot_2", "Again", system_prompt="x")
+        create_persona(store, "bank-bot_2", "Again", system_prompt="x", actor=T)
     with pytest.raises(InvalidInput, match="key"):
-        create_persona(store, "Bank Bot", "Bank bot", system_prompt="x")
-    assert [e.action for e in audit.recent(store, action_prefix="persona.")] == ["persona.create"]
+        create_persona(store, "Bank Bot", "Bank bot", system_prompt="x", actor=T)
+    assert [e.action for e in audit.recent(store, actor=T, action_prefix="persona.")] == ["persona.create"]
 
 
 def test_clone_and_archive(store, settings) -> None:
-    save_version(store, "receptionist", {"greeting": "Clinic, hello."}, actor="t")
-    clone = clone_persona(store, "receptionist@1", "receptionist-b", "Receptionist B", actor="t")
+    save_version(store, "receptionist", {"greeting": "Clinic, hello."}, actor=T)
+    clone = clone_persona(store, "receptionist@1", "receptionist-b", "Receptionist B", actor=T)
     assert clone.version == 1 and clone.note == "cloned from receptionist@1"
     assert clone.system_prompt == get_version(store, "receptionist@1").system_prompt
     assert clone.greeting.startswith("Good morning")
-    archive_persona(store, "receptionist-b", actor="t")
+    archive_persona(store, "receptionist-b", actor=T)
     assert "receptionist-b" not in [c.key for c in persona_catalog(store)]
     assert get_version(store, "receptionist-b@1").archived
     with FakeOllama() as fake:
-        assert _service(store, settings, fake.url).start("receptionist-b@1").persona_key == "receptionist-b"
-    archive_persona(store, "receptionist-b", archived=False, actor="t")
+        assert (
+            _service(store, settings, fake.url).start("receptionist-b@1", actor=LOCAL_OPERATOR).persona_key
+            == "receptionist-b"
+        )
+    archive_persona(store, "receptionist-b", archived=False, actor=T)
     assert "receptionist-b" in [c.key for c in persona_catalog(store)]
-    actions = [e.action for e in audit.recent(store, action_prefix="persona.")]
+    actions = [e.action for e in audit.recent(store, actor=T, action_prefix="persona.")]
     assert actions == ["persona.archive", "persona.archive", "persona.clone", "persona.version"]
     with pytest.raises(NotFound):
-        clone_persona(store, "nobody", "x", "X")
+        clone_persona(store, "nobody", "x", "X", actor=T)
 
 
 def test_the_production_label_moves(store) -> None:
     assert production_version(store, "tutor") is None
-    save_version(store, "tutor", {"temperature": 0.3}, actor="t")
-    assert set_production(store, "tutor@1", actor="t").production
+    save_version(store, "tutor", {"temperature": 0.3}, actor=T)
+    assert set_production(store, "tutor@1", actor=T).production
     assert production_version(store, "tutor").version == 1
-    set_production(store, "tutor@2", actor="t")
+    set_production(store, "tutor@2", actor=T)
     assert production_version(store, "tutor").version == 2
     assert [v.production for v in list_versions(store, "tutor")] == [False, True]
 
 
 def test_diff_lists_changed_fields_with_a_text_diff(store) -> None:
-    save_version(store, "sales", {"system_prompt": "You sell software.\nBe brief.", "max_tokens": 64}, actor="t")
+    save_version(store, "sales", {"system_prompt": "You sell software.\nBe brief.", "max_tokens": 64}, actor=T)
     diffs = {d.field: d for d in diff_versions(store, "sales@1", "sales@2")}
     assert set(diffs) == {"system_prompt", "max_tokens"}
     assert diffs["max_tokens"].old == 256 and diffs["max_tokens"].new == 64 and diffs["max_tokens"].diff == ""
@@ -161,19 +167,19 @@ def test_variables_render_in_the_prompt_sent(store, settings) -> None:
         store,
         "assistant",
         {"system_prompt": "Speak to {{caller_name}} on {{today}} as {{persona_name}}. {{mood}}", "stop_words": ["X:"]},
-        actor="t",
+        actor=T,
     )
     today = datetime.now(UTC).date().isoformat()
     with FakeOllama() as fake:
         service = _service(store, settings, fake.url)
-        named = service.start("assistant", variables={"caller_name": "Ann"})
-        turn = service.send(named.id, "hi")
-        assert turn._plan.messages[0].content == f"Speak to Ann on {today} as General assistant. {{{{mood}}}}"
-        assert turn._plan.params.stop == ("X:",)
+        named = service.start("assistant", variables={"caller_name": "Ann"}, actor=LOCAL_OPERATOR)
+        turn = service.send(named.id, "hi", actor=LOCAL_OPERATOR)
+        assert turn.turn.messages[0].content == f"Speak to Ann on {today} as General assistant. {{{{mood}}}}"
+        assert turn.turn.params.stop == ("X:",)
         turn.text()
-        default = service.start("assistant")
-        turn = service.send(default.id, "hi")
-        assert turn._plan.messages[0].content.startswith("Speak to the caller on")
+        default = service.start("assistant", actor=LOCAL_OPERATOR)
+        turn = service.send(default.id, "hi", actor=LOCAL_OPERATOR)
+        assert turn.turn.messages[0].content.startswith("Speak to the caller on")
         turn.text()
         # The variables are stored with the conversation: another process (a restart, another replica) renders
         # the same prompt, {{today}} included, which stays the day the conversation started.
@@ -181,8 +187,8 @@ def test_variables_render_in_the_prompt_sent(store, settings) -> None:
             row = s.get(Conversation, named.id)
             assert row.variables == {"caller_name": "Ann", "today": today, "persona_name": "General assistant"}
             row.variables = {**row.variables, "today": "2026-01-02"}  # as if it had started on that day
-        again = _service(store, settings, fake.url).send(named.id, "hello again")
-        assert again._plan.messages[0].content == "Speak to Ann on 2026-01-02 as General assistant. {{mood}}"
+        again = _service(store, settings, fake.url).send(named.id, "hello again", actor=LOCAL_OPERATOR)
+        assert again.turn.messages[0].content == "Speak to Ann on 2026-01-02 as General assistant. {{mood}}"
         again.text()
 
 
@@ -202,7 +208,7 @@ def test_bad_variables_are_refused_and_nothing_is_stored(store, settings, variab
         with store.session() as s:
             before = s.scalar(select(func.count()).select_from(Conversation))
         with pytest.raises(InvalidInput, match=re.escape(message)):
-            service.start("assistant", variables=variables)
+            service.start("assistant", variables=variables, actor=LOCAL_OPERATOR)
         with store.session() as s:
             assert s.scalar(select(func.count()).select_from(Conversation)) == before
 
@@ -235,7 +241,7 @@ FULL_CARD = {
 
 
 def test_a_card_round_trip_keeps_every_field_and_unknown_extensions(store) -> None:
-    info = import_card(store, json.dumps(FULL_CARD), actor="t", key="concierge")
+    info = import_card(store, json.dumps(FULL_CARD), actor=T, key="concierge")
     assert info.ref == "concierge@1" and info.greeting == "Front desk, good evening."
     assert info.temperature == 0.4 and info.stop_words == ("Guest:",) and info.voice == "amy"
     card = export_card(store, "concierge@1")
@@ -246,14 +252,14 @@ def test_a_card_round_trip_keeps_every_field_and_unknown_extensions(store) -> No
     original["data"]["extensions"].pop("callbot")
     assert card["data"] == original["data"]
     # Importing the exported card again under the same key makes a new version, identical in content.
-    again = import_card(store, export_card(store, "concierge"), actor="t")
+    again = import_card(store, export_card(store, "concierge"), actor=T)
     assert again.ref == "concierge@2"
     assert diff_versions(store, "concierge@1", "concierge@2") == []
 
 
 def test_an_empty_system_prompt_falls_back_to_description_personality_scenario(store) -> None:
     card = {"spec": "chara_card_v2", "data": {"name": "Pirate Pete", "description": "A pirate.", "personality": "loud"}}
-    info = import_card(store, card, actor="t")
+    info = import_card(store, card, actor=T)
     assert info.key == "pirate-pete" and info.system_prompt == "A pirate.\n\nloud"
 
 
@@ -280,7 +286,7 @@ def test_an_empty_system_prompt_falls_back_to_description_personality_scenario(s
 def test_malformed_cards_are_refused_and_nothing_is_stored(store, card, message) -> None:
     before = _counts(store)
     with pytest.raises(InvalidInput, match=message):
-        import_card(store, card, actor="t")
+        import_card(store, card, actor=T)
     assert _counts(store) == before
 
 

@@ -70,3 +70,21 @@ def test_the_default_store_follows_the_runtime_folder(monkeypatch: pytest.Monkey
     assert s.resolved_database_url() == f"sqlite:///{tmp_path / 'rt' / 'callbot.db'}"
     monkeypatch.setenv("CALLBOT_DATABASE_URL", "sqlite:///elsewhere.db")
     assert Settings(_env_file=None).resolved_database_url() == f"sqlite:///{PROJECT_ROOT / 'elsewhere.db'}"  # type: ignore[call-arg]
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Configuration") :]
+    missing = [f"CALLBOT_{name.upper()}" for name in Settings.model_fields if f"`CALLBOT_{name.upper()}`" not in table]
+    assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_the_engine_reads_no_callbot_variable_behind_the_settings() -> None:
+    # Every CALLBOT_* variable goes through Settings, so the table above is complete.
+    offenders = []
+    for path in (PROJECT_ROOT / "callbot_core").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        if ("os.environ" in text or "getenv" in text) and '"CALLBOT_' in text and path.name != "settings.py":
+            offenders += [f"{path.name}:{n}" for n, line in enumerate(text.splitlines(), 1)
+                          if '"CALLBOT_' in line and ("environ" in line or "getenv" in line)]  # fmt: skip
+    assert not offenders, offenders

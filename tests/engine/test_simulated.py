@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.backends.llm import GenerationParams
 from callbot_core.backends.llm.base import Token
 from callbot_core.backends.llm.ollama import OllamaBackend
@@ -53,6 +54,7 @@ def test_a_real_simulated_call_on_the_embedded_model(store, settings, embedded) 
         params=SHORT,
         caller_params=SHORT,
         on_turn=lambda t: seen.append(t.index),
+        actor=LOCAL_OPERATOR,
     )
     assert result.error is None and seen == [0, 1]
     with store.session() as session:
@@ -83,7 +85,12 @@ def test_the_caller_line_is_cleaned_and_garbage_is_retried_once(store, settings,
     service = ConversationService(store, settings, backends=lambda name: embedded)
     caller = ScriptedCaller("Caller:  ", "Caller: What are your opening hours?")
     result = simulate_call(
-        service, "receptionist@1", CallerPersona(goal="hours", turns=1), caller_backend=caller, params=SHORT
+        service,
+        "receptionist@1",
+        CallerPersona(goal="hours", turns=1),
+        caller_backend=caller,
+        params=SHORT,
+        actor=LOCAL_OPERATOR,
     )
     assert caller.calls == 2 and result.turns[0].caller == "What are your opening hours?"
     assert [m.text for m in _messages(store, result.conversation_id) if m.role == "user"] == [
@@ -92,7 +99,11 @@ def test_the_caller_line_is_cleaned_and_garbage_is_retried_once(store, settings,
 
     with pytest.raises(CallbotError, match="no usable caller line twice"):
         simulate_call(
-            service, "receptionist@1", CallerPersona(goal="hours", turns=1), caller_backend=ScriptedCaller(" ")
+            service,
+            "receptionist@1",
+            CallerPersona(goal="hours", turns=1),
+            caller_backend=ScriptedCaller(" "),
+            actor=LOCAL_OPERATOR,
         )
 
 
@@ -107,7 +118,7 @@ def test_the_caller_line_is_cleaned_and_garbage_is_retried_once(store, settings,
 def test_bad_callers_are_refused_before_anything_is_stored(store, settings, caller, message) -> None:
     service = ConversationService(store, settings)
     with pytest.raises(InvalidInput, match=message):
-        simulate_call(service, "receptionist@1", caller)
+        simulate_call(service, "receptionist@1", caller, actor=LOCAL_OPERATOR)
     with store.session() as session:
         assert session.scalars(select(Conversation)).first() is None
 
@@ -116,7 +127,9 @@ def test_caller_backend_down_is_a_clear_error(store, settings, embedded) -> None
     service = ConversationService(store, settings, backends=lambda name: embedded)
     down = OllamaBackend(down_url(), default_model="m", connect_timeout_s=1, read_timeout_s=2)
     with pytest.raises(CallbotError, match="simulated caller's backend \\(ollama at http://127.0.0.1"):
-        simulate_call(service, "receptionist@1", CallerPersona(goal="hours", turns=1), caller_backend=down)
+        simulate_call(
+            service, "receptionist@1", CallerPersona(goal="hours", turns=1), caller_backend=down, actor=LOCAL_OPERATOR
+        )
 
 
 def test_bot_backend_down_keeps_the_failed_turn(store, settings) -> None:
@@ -127,6 +140,7 @@ def test_bot_backend_down_keeps_the_failed_turn(store, settings) -> None:
         "receptionist@1",
         CallerPersona(goal="hours", turns=3),
         caller_backend=ScriptedCaller("When are you open?"),
+        actor=LOCAL_OPERATOR,
     )
     assert len(result.turns) == 1 and result.error and result.error.startswith("bot turn 1 failed")
     assert [m.role for m in _messages(store, result.conversation_id)] == ["assistant", "user"]
@@ -150,7 +164,7 @@ def test_a_simulated_suite_parses_and_runs(store, settings, embedded) -> None:
     assert suite.simulate is not None and suite.simulate.turns == 2 and len(suite.expect_each) == 2
     assert suite.assertion_count == 4
     service = ConversationService(store, settings, backends=lambda name: embedded)
-    batch = run_suite(service, suite, [], params_grid={"max_tokens": [16]}, concurrency=1)
+    batch = run_suite(service, suite, [], params_grid={"max_tokens": [16]}, concurrency=1, actor=LOCAL_OPERATOR)
     assert len(batch.cells) == 1 and batch.cells[0].status == "passed", batch.cells[0].error
     with store.session() as session:
         run = session.scalars(select(EvalRun)).one()

@@ -8,7 +8,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
-from callbot_core.access.users import add_user, get_user, verify_password
+from callbot_core.access.permissions import LOCAL_OPERATOR, OperatorActor
+from callbot_core.access.signin import create_user
+from callbot_core.access.users import get_user, verify_password
 from callbot_core.conversations.service import ConversationService
 from callbot_core.conversations.transcripts import delete_conversation
 from callbot_core.errors import Conflict, InvalidInput, NotFound
@@ -56,8 +58,7 @@ def test_persona_refs(store) -> None:
 
 
 def test_users_are_stored_with_bcrypt_and_audited(store) -> None:
-    with store.session() as session:
-        add_user(session, "ada", "correct horse", role="admin", actor="test")
+    create_user(store, "ada", "correct horse", role="admin", actor=OperatorActor(username="test", role="admin"))
     with store.session() as session:
         user = get_user(session, "ada")
         assert user is not None and user.role == "admin"
@@ -79,17 +80,16 @@ def test_users_are_stored_with_bcrypt_and_audited(store) -> None:
     ],
 )
 def test_bad_users_are_refused_and_nothing_stored(store, username, password, role, error) -> None:
-    with pytest.raises(error), store.session() as session:
-        add_user(session, username, password, role=role)
+    with pytest.raises(error):
+        create_user(store, username, password, role=role, actor=LOCAL_OPERATOR)
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(User)) == 0
 
 
 def test_duplicate_user_is_a_conflict(store) -> None:
-    with store.session() as session:
-        add_user(session, "ada", "long enough")
-    with pytest.raises(Conflict, match="already exists"), store.session() as session:
-        add_user(session, "ada", "long enough")
+    create_user(store, "ada", "long enough", actor=LOCAL_OPERATOR)
+    with pytest.raises(Conflict, match="already exists"):
+        create_user(store, "ada", "long enough", actor=LOCAL_OPERATOR)
 
 
 def test_unused_version_may_change_but_used_version_may_not(store, settings, embedded) -> None:
@@ -100,7 +100,7 @@ def test_unused_version_may_change_but_used_version_may_not(store, settings, emb
         assert get_persona_version(session, "tutor").temperature == 0.3
 
     service = ConversationService(store, settings, backends=lambda name: embedded)
-    service.start("tutor")
+    service.start("tutor", actor=LOCAL_OPERATOR)
     with pytest.raises(Conflict, match="cannot change.*system_prompt"), store.session() as session:
         get_persona_version(session, "tutor").system_prompt = "Something else"
     with store.session() as session:
@@ -111,13 +111,15 @@ def test_deleting_a_conversation_removes_its_messages_and_metrics(store, setting
     from callbot_core.backends.llm import GenerationParams
 
     service = ConversationService(store, settings, backends=lambda name: embedded)
-    info = service.start("assistant")
-    service.send(info.id, "Hi", params=GenerationParams(max_tokens=4, temperature=0, seed=1)).text()
-    delete_conversation(store, info.id, actor="ada", client_addr="127.0.0.1")
+    info = service.start("assistant", actor=LOCAL_OPERATOR)
+    service.send(
+        info.id, "Hi", params=GenerationParams(max_tokens=4, temperature=0, seed=1), actor=LOCAL_OPERATOR
+    ).text()
+    delete_conversation(store, info.id, actor=OperatorActor(username="ada", role="admin"), client_addr="127.0.0.1")
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(Message)) == 0
         assert session.scalar(select(func.count()).select_from(TurnMetrics)) == 0
         row = session.scalars(select(AuditLog).where(AuditLog.action == "conversation.delete")).one()
         assert (row.actor, row.target, row.client_addr) == ("ada", str(info.id), "127.0.0.1")
     with pytest.raises(NotFound):
-        delete_conversation(store, info.id)
+        delete_conversation(store, info.id, actor=LOCAL_OPERATOR)

@@ -52,6 +52,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLBOT_", "PYTHONPATH", "VIRTUAL_ENV"))}
+    # The borrowed dependencies' data files (nbconvert's HTML templates) are in the project venv's share/jupyter;
+    # installed normally they would be in the fresh environment's own.
+    env["JUPYTER_PATH"] = str(Path(sys.prefix) / "share" / "jupyter")
     return {**env, **extra}
 
 

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from callbot_core.access import audit
+from callbot_core.access.permissions import LOCAL_OPERATOR, OperatorActor
 from callbot_core.errors import InvalidInput, NotFound
 from callbot_core.jobs.reports import (
     REPORTS,
@@ -105,7 +106,7 @@ def module_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleRuns
     for name in NAMES:
         calls: list[tuple[int, int]] = []
         runs[name] = run_report(
-            store, name, {"since": "-7d"}, requested_by="ada", settings=settings,
+            store, name, {"since": "-7d"}, actor=OperatorActor(username="ada", role="researcher"), settings=settings,
             progress=lambda done, total, calls=calls: calls.append((done, total)),
         )  # fmt: skip
         progress[name] = calls
@@ -168,14 +169,14 @@ def test_runs_are_listed_stored_and_audited(module_runs: ModuleRuns) -> None:
     assert get_run(module_runs.store, first.id) == first
     with pytest.raises(NotFound, match="No report run 999"):
         get_run(module_runs.store, 999)
-    entries = audit.recent(module_runs.store, action_prefix="report.")
+    entries = audit.recent(module_runs.store, action_prefix="report.", actor=LOCAL_OPERATOR)
     assert {e.target for e in entries} == {f"{n}#{module_runs.runs[n].id}" for n in NAMES}
     assert all(e.action == "report.run" and e.actor == "ada" for e in entries)
 
 
 def test_reports_run_on_an_empty_store_on_each_database(store: Store, settings: Settings) -> None:
     # The store fixture holds only the default personas: every section says there is no data.
-    run = run_report(store, "conversation_report", {"persona": "receptionist"}, settings=settings)
+    run = run_report(store, "conversation_report", {"persona": "receptionist"}, settings=settings, actor=LOCAL_OPERATOR)
     assert run.status == "succeeded", run.error
     page = Path(run.output_html or "").read_text(encoding="utf-8")
     assert_offline_report_html(page)  # the empty charts are still charts, saying "No data for these filters"
@@ -203,7 +204,7 @@ def test_bad_names_and_parameters_are_refused_before_anything_runs(
     store = Store(url)
     store.upgrade()
     with pytest.raises(error, match=match):
-        run_report(store, name, params, settings=make_settings(tmp_path, url))
+        run_report(store, name, params, settings=make_settings(tmp_path, url), actor=LOCAL_OPERATOR)
     assert list_runs(store) == []
     assert not (tmp_path / "runtime" / "reports").exists()
     store.dispose()

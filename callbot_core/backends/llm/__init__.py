@@ -22,6 +22,7 @@ __all__ = [
     "get_backend",
     "llm_backends",
     "register_backend",
+    "runs_serially",
 ]
 
 llm_backends: Registry[LLMBackend] = Registry("llm", what="LLM backend")
@@ -40,3 +41,13 @@ def get_backend(name: str | None = None, settings: Settings | None = None) -> LL
     """The backend called `name` (default: the configured one), built once per settings object."""
     settings = settings or get_settings()
     return llm_backends.get(name or settings.llm_backend, settings)
+
+
+def runs_serially(backend: LLMBackend) -> bool:
+    """Whether `backend` generates one reply at a time in this process (it says so with `serial = True`; the
+    embedded model does: one llama.cpp context behind one lock).
+
+    Work for such a backend is queued on one thread (comparison variants, suite cells) rather than run side by
+    side: a second thread could only wait for the lock, and its TTFT would count that wait.
+    """
+    return bool(getattr(backend, "serial", False))

@@ -64,6 +64,8 @@ def model_lock(path: Path, n_ctx: int) -> threading.Lock:
 
 class EmbeddedBackend:
     name = "embedded"
+    # One llama.cpp context behind one lock: generations run one at a time (see `runs_serially`).
+    serial = True
 
     def __init__(self, gguf_path: Path, *, n_ctx: int = 2048, n_threads: int | None = None) -> None:
         self._path = gguf_path

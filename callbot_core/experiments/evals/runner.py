@@ -16,29 +16,27 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
-
-from callbot_core.backends.llm import GenerationParams
-from callbot_core.conversations.service import ConversationService
+from callbot_core.access.permissions import Actor, require
+from callbot_core.backends.llm import GenerationParams, runs_serially
+from callbot_core.conversations.service import ConversationService, mark_ended
 from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.experiments.evals.assertions import AssertionContext, Outcome, evaluate
 from callbot_core.experiments.evals.suite import Suite
 from callbot_core.jobs.runs import worker_id
 from callbot_core.personas.catalog import get_persona_version
-from callbot_core.store.models import Conversation, EvalResult, EvalRun, utcnow
+from callbot_core.personas.fields import FIELDS, params_for, with_overrides
+from callbot_core.store.models import EvalResult, EvalRun, utcnow
 
-# Grid parameters a suite run may vary, and how each value is read.
-GRID_PARAMS: dict[str, type] = {"temperature": float, "top_p": float, "max_tokens": int, "seed": int}
+# Grid parameters a suite run may vary, and how each value is read (their ranges are in personas/fields.py).
+GRID_PARAMS: dict[str, type] = {name: f.kind for name, f in FIELDS.items()}
 Progress = Callable[[int, int], None]
-# Backends that generate one reply at a time in this process (a llama.cpp context behind one lock).
-SERIAL_BACKENDS = frozenset({"embedded"})
 
 
 @dataclass(frozen=True, slots=True)
 class _Cell:
     ref: str  # key@version, resolved before anything runs
     version_id: int
-    defaults: GenerationParams
+    gen: GenerationParams  # the version's sampling with this cell's parameters on top
     params: dict[str, Any]
     repeat_index: int
     # Held around each generation when the backend runs one generation at a time (the embedded model):
@@ -147,11 +145,13 @@ def run_suite(
     params_grid: dict[str, list[float]] | None = None,
     repeat: int = 1,
     concurrency: int = 2,
-    created_by: str | None = None,
+    actor: Actor,
     progress: Progress | None = None,
     context: AssertionContext | None = None,
 ) -> BatchResult:
-    """Run every cell of the grid and store it; bad input is refused before anything is stored."""
+    """Run every cell of the grid as `actor` (its runs record their username) and store it; bad input is refused
+    before anything is stored."""
+    require(actor, "suite.run")
     refs = list(persona_refs) or ([suite.persona] if suite.persona else [])
     if not refs:
         raise InvalidInput(f"Suite {suite.name!r} names no persona: give at least one persona as key@version")
@@ -165,16 +165,14 @@ def run_suite(
     with service.store.session() as session:
         for ref in dict.fromkeys(refs):  # the same version twice would only duplicate cells
             v = get_persona_version(session, ref)
-            defaults = GenerationParams(
-                temperature=v.temperature, top_p=v.top_p, max_tokens=v.max_tokens, stop=tuple(v.stop_words or ())
-            )
             gate = None
             with contextlib.suppress(CallbotError):  # a backend that cannot be had fails in its cells, stored
                 llm = service.backend(v.backend)
-                gate = gates.setdefault(llm.name, threading.Lock()) if llm.name in SERIAL_BACKENDS else None
-            versions.append((f"{v.persona.key}@{v.version}", v.id, defaults, gate))
+                gate = gates.setdefault(llm.name, threading.Lock()) if runs_serially(llm) else None
+            versions.append((f"{v.persona.key}@{v.version}", v.id, params_for(v), gate))
     cells = [
-        _Cell(ref, vid, defaults, combo, r, gate)
+        # Out-of-range grid values are refused here (personas/fields.py), before any cell is stored.
+        _Cell(ref, vid, with_overrides(defaults, combo), combo, r, gate)
         for ref, vid, defaults, gate in versions
         for combo in combos
         for r in range(repeat)
@@ -192,7 +190,7 @@ def run_suite(
         # (bench/eval_throughput.py: 0.73x with a waiting thread), so such a grid runs on one thread.
         workers = 1
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval") as pool:
-        futures = [pool.submit(_run_cell, service, suite, batch.batch, cell, created_by, context) for cell in cells]
+        futures = [pool.submit(_run_cell, service, suite, batch.batch, cell, actor, context) for cell in cells]
         # Progress is reported from this thread only, so callers may drive a non-thread-safe progress bar.
         for done, future in enumerate(as_completed(futures), start=1):
             batch.cells.append(future.result())
@@ -218,7 +216,7 @@ def _run_cell(
     suite: Suite,
     batch: str,
     cell: _Cell,
-    created_by: str | None,
+    actor: Actor,
     context: AssertionContext,
 ) -> CellResult:
     with service.store.session() as session:
@@ -228,7 +226,7 @@ def _run_cell(
             persona_version_id=cell.version_id,
             params=cell.params,
             repeat_index=cell.repeat_index,
-            created_by=created_by,
+            created_by=actor.username,
             status="running",
             worker=worker_id(),
         )
@@ -237,22 +235,22 @@ def _run_cell(
         run_id = run.id
     result = CellResult(run_id, cell.ref, cell.params, cell.repeat_index, status="running")
     conversation_id: int | None = None
-    gen = _params(cell.defaults, cell.params)
+    gen = cell.gen
     try:
         if suite.simulate is not None:
             with cell.gate or contextlib.nullcontext():  # the caller shares the model: the whole call at once
-                conversation_id = _run_simulated(service, suite, run_id, gen, result, context)
+                conversation_id = _run_simulated(service, suite, run_id, gen, result, context, actor)
             raise _Done
         # A serial backend (the embedded model) runs one cell's conversation at a time: interleaving two
         # conversations on one llama.cpp context would throw away its prompt cache on every turn (3x slower
         # measured) and count the wait for the model in TTFT. Other cells meanwhile set up and write results.
         with cell.gate or contextlib.nullcontext():
-            info = service.start(cell.ref, channel="api")
+            info = service.start(cell.ref, channel="api", actor=actor)
             conversation_id = info.id
             with service.store.session() as session:
                 session.get(EvalRun, run_id).conversation_id = conversation_id  # type: ignore[union-attr]
             for index, turn in enumerate(suite.turns):
-                stream = service.send(conversation_id, turn.say, params=gen)
+                stream = service.send(conversation_id, turn.say, params=gen, actor=actor)
                 # A backend failure is stored on the turn and carried by stream.result: judged below, not raised.
                 with contextlib.suppress(CallbotError):
                     stream.text()
@@ -284,10 +282,7 @@ def _run_cell(
         run.finished_at = utcnow()
         if conversation_id is not None:
             # Ended without summaries: summarising every suite run would double its cost for nothing measured.
-            conversation = session.scalar(select(Conversation).where(Conversation.id == conversation_id))
-            if conversation is not None and conversation.status == "active":
-                conversation.status = "ended"
-                conversation.ended_at = utcnow()
+            mark_ended(session, conversation_id)
     return result
 
 
@@ -318,6 +313,7 @@ def _run_simulated(
     gen: GenerationParams,
     result: CellResult,
     context: AssertionContext,
+    actor: Actor,
 ) -> int | None:
     """A simulated caller drives the cell; `expect_each` is checked on every bot reply."""
     from callbot_core.experiments.simulated import CallerPersona, SimulatedTurn, simulate_call
@@ -340,19 +336,9 @@ def _run_simulated(
         result.outcomes += [(turn.index, a.kind, o) for a, o in outcomes]
 
     caller = CallerPersona(goal=sim.goal, personality=sim.personality, turns=sim.turns, opening=sim.opening)
-    sim_result = simulate_call(service, result.persona, caller, params=gen, on_turn=on_turn, on_start=on_start)
+    sim_result = simulate_call(
+        service, result.persona, caller, params=gen, actor=actor, on_turn=on_turn, on_start=on_start
+    )
     if sim_result.error:
         result.error = sim_result.error
     return started.get("id")
-
-
-def _params(defaults: GenerationParams, overrides: dict[str, Any]) -> GenerationParams:
-    values = {
-        "temperature": defaults.temperature,
-        "top_p": defaults.top_p,
-        "max_tokens": defaults.max_tokens,
-        "stop": defaults.stop,
-        "seed": defaults.seed,
-    }
-    values.update(overrides)
-    return GenerationParams(**values)

@@ -101,23 +101,23 @@ class Suite:
 SHIPPED_SUITES_DIR = Path(str(resources.files("callbot_core.experiments.evals").joinpath("suites")))
 
 
-def suite_files(extra_dir: Path | None = None) -> dict[str, Path]:
-    """Suites by file name: the shipped ones, then those in `extra_dir` (CALLBOT_SUITES_DIR), which win."""
-    found: dict[str, Path] = {}
-    for folder in (SHIPPED_SUITES_DIR, extra_dir):
-        if folder is not None and folder.is_dir():
-            found.update({p.name: p for p in sorted(folder.glob("*.yaml"))})
-    return dict(sorted(found.items()))
+def suite_files(suites_dir: Path | None = None) -> dict[str, Path]:
+    """Suites by file name: those in `suites_dir` (CALLBOT_SUITES_DIR) when one is set, else the shipped ones."""
+    folder = suites_dir or SHIPPED_SUITES_DIR
+    return {p.name: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
 
 
-def resolve_suite(ref: str | Path, extra_dir: Path | None = None) -> Path:
-    """A suite file: `ref` itself when it exists, else a known suite named `ref` (with or without `.yaml`)."""
+def resolve_suite(ref: str | Path, suites_dir: Path | None = None) -> Path:
+    """A suite file: `ref` itself when it exists, else a suite of that name (with or without `.yaml`) in
+    `suites_dir`, else a shipped one."""
     path = Path(ref)
     if path.exists():
         return path
-    known = suite_files(extra_dir)
     name = path.name if path.suffix else f"{path.name}.yaml"
-    return known.get(name, path)
+    for folder in (suites_dir, SHIPPED_SUITES_DIR):
+        if folder is not None and (folder / name).is_file():
+            return folder / name
+    return path
 
 
 def load_suite(path: str | Path) -> Suite:

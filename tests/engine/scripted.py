@@ -1,0 +1,44 @@
+"""A fast LLM backend for engine tests: fixed pieces streamed at once, optionally failing part way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from callbot_core.backends.llm import ChatMessage, GenerationParams, Health, Token, Usage
+from callbot_core.backends.llm.base import estimate_tokens
+from callbot_core.errors import BackendUnavailable
+
+
+class Scripted:
+    """Streams fixed pieces at once; `fail_after=n` raises after n pieces, as a server that went away."""
+
+    name = "scripted"
+    where = "this process"
+    default_model = "script-1"
+
+    def __init__(self) -> None:
+        self.pieces: tuple[str, ...] = ("We", " open", " at", " 8.")
+        self.fail_after: int | None = None
+        self.requests: list[list[ChatMessage]] = []
+
+    def stream(
+        self, messages: list[ChatMessage], params: GenerationParams, *, model: str | None = None
+    ) -> Iterator[Token]:
+        self.requests.append(list(messages))
+        for index, piece in enumerate(self.pieces):
+            if index == self.fail_after:
+                raise BackendUnavailable("the scripted server went away", backend=self.name, where=self.where)
+            yield Token(piece)
+        yield Token("", usage=Usage(prompt_tokens=sum(estimate_tokens(m.content) for m in messages)))
+
+    def list_models(self) -> list[str]:
+        return [self.default_model]
+
+    def health(self) -> Health:
+        return Health(True, self.name, self.where)
+
+    def context_window(self, model: str | None = None) -> int:
+        return 4096
+
+    def count_tokens(self, text: str, model: str | None = None) -> int:
+        return estimate_tokens(text)
