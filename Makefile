@@ -33,10 +33,11 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
-# While you work: no model, no browser, no wheel build (under 2 minutes). Markers are listed in pyproject.toml.
+# While you work: no model, no browser, no subprocess-heavy test, on two workers (each with its own PostgreSQL test
+# database), in under 2 minutes. Markers are listed in pyproject.toml.
 test-fast: install
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -m "not model and not browser and not slow"
+	$(BIN)/pytest -q -n 2 -m "not model and not browser and not slow"
 
 lint: install
 	$(BIN)/ruff check .

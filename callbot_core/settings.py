@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     # Default: a SQLite file inside the runtime folder, so all runtime state lives under one setting.
     database_url: str | None = None
     secret_key: SecretStr | None = None
+    # bcrypt's cost for new password hashes (2^rounds iterations; ~0.4 s at 12 here). Tests lower it to 4.
+    bcrypt_rounds: int = Field(12, ge=4, le=16)
     # The `admin` account's password when `callbot app` creates it; otherwise one is generated and printed once.
     admin_password: SecretStr | None = None
 

@@ -22,13 +22,40 @@ from callbot_core.store import Store
 from callbot_core.store.models import Base
 from callbot_core.store.seeds import seed_default_personas
 
-PG_URL = os.environ.get("CALLBOT_TEST_DATABASE_URL")
+
+def _worker_url(url: str | None) -> str | None:
+    """Under pytest-xdist (`make test-fast` runs two workers) each worker gets a database of its own, `<name>_gw0`…,
+    created on first use: every worker empties its test database before it starts."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not url or not worker:
+        return url
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    base = make_url(url)
+    name = f"{base.database}_{worker}"
+    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            if conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}) is None:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+PG_URL = _worker_url(os.environ.get("CALLBOT_TEST_DATABASE_URL"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 STORE_PARAMS = [
     pytest.param("sqlite", id="sqlite"),
     pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
 ]
+
+
+# bcrypt at its production cost (~0.4 s a hash) would be most of the suite's time; the cost is a setting, and the
+# tests of lockout and sign-in do not depend on it. Set before anything reads the settings, for subprocesses too.
+os.environ.setdefault("CALLBOT_BCRYPT_ROUNDS", "4")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -95,10 +122,14 @@ def settings(tmp_path: Path, store_url: str) -> Settings:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # A test that asks for the real model is a model test, whatever its module says.
     for item in items:
-        if "embedded" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        # A test that asks for the real model is a model test, whatever its module says.
+        if "embedded" in fixtures:
             item.add_marker(pytest.mark.model)
+        # The `callbot` command in a subprocess pays the interpreter's start and imports on every call.
+        if "run" in fixtures or "cli" in fixtures:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -122,6 +153,7 @@ def run(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     env.update(CALLBOT_DATABASE_URL=url, CALLBOT_RUNTIME_DIR=str(tmp_path / "runtime"))
+    env["CALLBOT_BCRYPT_ROUNDS"] = os.environ["CALLBOT_BCRYPT_ROUNDS"]
 
     def _run(
         *args: str, input: str | None = None, ok: bool = True, env_extra: dict[str, str] | None = None

@@ -8,6 +8,7 @@ accounts through `create_user` here, so the check cannot be skipped.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,9 +27,13 @@ MAX_FAILED_LOGINS = 5
 LOCK_DURATION = timedelta(minutes=15)
 ADMIN_USERNAME = "admin"
 
+
 # A real bcrypt hash of a random string: checking a password against it for unknown usernames
 # takes as long as for real ones, so response times do not reveal which usernames exist.
-_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+@functools.cache
+def _dummy_hash() -> str:
+    # Made on first use, not at import: hashing costs as much as a sign-in, and most commands never sign in.
+    return hash_password(secrets.token_urlsafe(16))
 
 
 class AccountLocked(CallbotError):
@@ -92,7 +97,7 @@ def authenticate(store: Store, username: str, password: str, *, client_addr: str
     with store.session() as session:
         user = session.scalar(select(User).where(User.username == username))
         if user is None:
-            verify_password(password or "", _DUMMY_HASH)
+            verify_password(password or "", _dummy_hash())
             audit.record(session, "login.failed", actor=username or None, detail={"reason": "unknown user"},
                          client_addr=client_addr)  # fmt: skip
             return None

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from callbot_core.errors import InvalidInput
+from callbot_core.settings import get_settings
 from callbot_core.store.models import User
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{2,64}$")
@@ -20,7 +21,8 @@ MAX_PASSWORD_BYTES = 72
 
 def hash_password(password: str) -> str:
     validate_password(password)
-    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt()).decode("ascii")
+    rounds = get_settings().bcrypt_rounds
+    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds)).decode("ascii")
 
 
 def verify_password(password: str, password_hash: str) -> bool:

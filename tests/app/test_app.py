@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
@@ -127,6 +128,7 @@ def _chat_texts(at: AppTest) -> list[str]:
     return [m.markdown[0].value for m in at.chat_message if m.markdown]
 
 
+@pytest.mark.model
 def test_a_chat_turn_with_the_embedded_model(app_store: Store) -> None:
     at = sign_in("rita", PW)
     _start(at)
@@ -269,6 +271,7 @@ def test_admin_adds_a_user_changes_a_role_and_resets_a_password(app_store: Store
     assert {"user.add", "user.role"} <= set(audit_frame["action"])
 
 
+@pytest.mark.model
 def test_admin_sees_backend_health_and_models(app_store: Store) -> None:
     at = sign_in("admin", ADMIN_PW)
     at.switch_page(str(Path(APP).parent / "views" / "admin.py")).run()

@@ -92,6 +92,7 @@ def test_dashboards_draw_every_chart_and_export(with_turns: Store) -> None:
     assert any(label.startswith("Download its data") for label in labels)
 
 
+@pytest.mark.slow
 def test_reports_page_runs_a_report_and_opens_it(with_turns: Store) -> None:
     at = sign_in("rita", PW)
     at.switch_page(view("reports")).run()

@@ -67,6 +67,7 @@ def test_viewers_read_but_do_not_edit(app_store: Store) -> None:
     assert any("Viewers read personas" in i.value for i in at.info)
 
 
+@pytest.mark.model
 def test_a_researcher_runs_a_suite_with_progress(
     request: pytest.FixtureRequest, app_store: Store, tmp_path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]

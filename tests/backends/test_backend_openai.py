@@ -26,6 +26,9 @@ STARTUP_TIMEOUT_S = 60.0
 HI = [ChatMessage("user", "Say hi.")]
 SHORT = GenerationParams(temperature=0.0, max_tokens=8, seed=7)
 
+# llama-cpp-python's own server runs the real GGUF: every test here needs the model.
+pytestmark = pytest.mark.model
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

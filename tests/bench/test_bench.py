@@ -35,6 +35,7 @@ def test_turn_overhead_reports_both_databases() -> None:
     assert r["peak_rss_mb"] > 10
 
 
+@pytest.mark.model
 def test_llm_overhead_compares_like_with_like() -> None:
     r = _result("llm_overhead.py", "--rounds", "1", "--max-tokens", "8")
     assert r["raw_decode_tps"] > 0 and r["service_decode_tps"] > 0
@@ -46,6 +47,7 @@ def test_llm_overhead_compares_like_with_like() -> None:
     assert r["cached_ttft_ms"] > 0 and r["seed_reset_ttft_ms"] == pytest.approx(reset_cost, abs=0.01)
 
 
+@pytest.mark.browser
 def test_app_load_times_both_pages() -> None:
     # Same rule as tests/test_browser.py: no chromium is a skip on a laptop and a failure in CI.
     from tests.browser.helpers import IN_CI, chromium_missing_reason
@@ -62,6 +64,7 @@ def test_app_load_times_both_pages() -> None:
     assert r["app_rss_mb"] > 50
 
 
+@pytest.mark.slow
 def test_analytics_compares_duckdb_with_both_stores() -> None:
     if not os.environ.get("CALLBOT_TEST_DATABASE_URL"):
         pytest.skip("the PostgreSQL half needs CALLBOT_TEST_DATABASE_URL")
@@ -73,6 +76,7 @@ def test_analytics_compares_duckdb_with_both_stores() -> None:
     assert r["refresh_nochange_ms"] > 0 and r["initial_snapshot_s"] > 0 and r["peak_rss_mb"] > 50
 
 
+@pytest.mark.model
 def test_eval_throughput_runs_both_modes() -> None:
     r = _result("eval_throughput.py", "--cases", "2", "--rounds", "1", "--max-tokens", "8")
     assert {"cases_per_s_sequential", "cases_per_s_concurrent", "concurrency_speedup", "peak_rss_mb"} <= r.keys()

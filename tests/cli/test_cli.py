@@ -7,12 +7,14 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from callbot_core.store import Store
 from callbot_core.store.models import Conversation
 
 
+@pytest.mark.model
 def test_the_done_when_path(run, tmp_path: Path) -> None:
     assert "up to date" in run("db", "upgrade").stdout
     secret = (tmp_path / "runtime" / "secret_key").read_text()
@@ -49,6 +51,7 @@ def test_the_done_when_path(run, tmp_path: Path) -> None:
     assert len(rows) == 3 and rows[1]["text"] == "What are your opening hours?"
 
 
+@pytest.mark.model
 def test_repl_streams_turns_and_end_prints_summaries(run) -> None:
     run("db", "upgrade")
     out = run("chat", "--persona", "support", input="Where is my parcel?\n/end\n").stdout
@@ -59,6 +62,7 @@ def test_repl_streams_turns_and_end_prints_summaries(run) -> None:
     assert "ended" in listing
 
 
+@pytest.mark.model
 def test_repl_refuses_an_empty_line_and_goes_on(run) -> None:
     run("db", "upgrade")
     proc = run("chat", input=" \nhello\n/quit\n")
@@ -104,6 +108,7 @@ def test_production_without_a_secret_refuses_to_start(run, tmp_path: Path) -> No
     assert not (tmp_path / "runtime" / "secret_key").exists()
 
 
+@pytest.mark.model
 def test_personas_and_models(run) -> None:
     run("db", "upgrade")
     personas = run("personas").stdout

@@ -168,6 +168,7 @@ def embed_context() -> AssertionContext:
     return AssertionContext(embedder=default_embedder)
 
 
+@pytest.mark.model
 def test_similar_to_uses_the_real_embedding_model(embed_context: AssertionContext) -> None:
     assertion = _one("{similar_to: 'The clinic opens at 8am and closes at 6pm on weekdays.', threshold: 0.6}")
     paraphrase = evaluate(
@@ -310,6 +311,7 @@ def run(tmp_path: Path):
     return _run
 
 
+@pytest.mark.model
 def test_cli_runs_a_suite_prints_the_summary_and_lists_batches(run, tmp_path: Path) -> None:
     run("db", "upgrade")
     suite = tmp_path / "tiny.yaml"

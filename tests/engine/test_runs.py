@@ -11,6 +11,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from callbot_core.jobs.runs import process_alive, reap_stale, worker_id
@@ -76,6 +77,7 @@ def test_runs_of_dead_processes_are_ended_and_live_ones_left(store: Store) -> No
     assert reap_stale(store) == []  # ended runs are not ended twice
 
 
+@pytest.mark.model
 def test_a_killed_eval_run_shows_as_an_error(tmp_path: Path) -> None:
     """For real: `callbot eval run` killed with SIGKILL mid-suite, then `callbot eval list`."""
     url = f"sqlite:///{tmp_path / 'cli.db'}"

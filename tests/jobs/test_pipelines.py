@@ -268,6 +268,7 @@ def test_system_metrics_snapshot(store: Store, settings: Settings) -> None:
 # -- the command line -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_run_due_runs_a_report_job_once_and_lists_the_schedule(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     store = Store(url)

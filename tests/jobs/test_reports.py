@@ -135,6 +135,7 @@ def test_the_notebooks_are_discovered_with_their_parameters() -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_each_report_runs_and_exports_html_without_code(module_runs: ModuleRuns, name: str) -> None:
     run = module_runs.runs[name]
     assert run.status == "succeeded", run.error
@@ -155,6 +156,7 @@ def test_each_report_runs_and_exports_html_without_code(module_runs: ModuleRuns,
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
+@pytest.mark.slow
 def test_report_numbers_come_from_the_store(module_runs: ModuleRuns) -> None:
     text = _visible_text(Path(module_runs.runs["performance_report"].output_html or "").read_text(encoding="utf-8"))
     # Six turns, one failed: the summary table reads 6 turns, 1 failed, error rate 0.167.
@@ -162,6 +164,7 @@ def test_report_numbers_come_from_the_store(module_runs: ModuleRuns) -> None:
     assert "BackendTimeout: the stream stalled" in text
 
 
+@pytest.mark.slow
 def test_runs_are_listed_stored_and_audited(module_runs: ModuleRuns) -> None:
     runs = list_runs(module_runs.store)
     assert [r.name for r in runs] == list(reversed(NAMES))  # newest first
@@ -174,6 +177,7 @@ def test_runs_are_listed_stored_and_audited(module_runs: ModuleRuns) -> None:
     assert all(e.action == "report.run" and e.actor == "ada" for e in entries)
 
 
+@pytest.mark.slow
 def test_reports_run_on_an_empty_store_on_each_database(store: Store, settings: Settings) -> None:
     # The store fixture holds only the default personas: every section says there is no data.
     run = run_report(store, "conversation_report", {"persona": "receptionist"}, settings=settings, actor=LOCAL_OPERATOR)
@@ -248,6 +252,7 @@ def _callbot(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Completed
     return subprocess.run([CALLBOT, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=180)
 
 
+@pytest.mark.slow
 def test_cli_report_run_list_and_a_failed_run(cli_env: tuple[dict[str, str], Store], tmp_path: Path) -> None:
     env, store = cli_env
     ok = _callbot(env, tmp_path, "report", "run", "performance_report", "-p", "since=-7d", "-p", "persona=support")
