@@ -22,18 +22,17 @@ from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.experiments.evals import load_suite, parse_suite, run_suite
 from callbot_core.experiments.evals.runner import format_params
 from callbot_core.experiments.evals.suite import suite_files
+from callbot_core.personas.cards import export_card, import_card
 from callbot_core.personas.catalog import all_personas
 from callbot_core.personas.fields import MAX_TOKENS, TEMPERATURE, TOP_P
+from callbot_core.personas.variables import prompt_variables
 from callbot_core.personas.versions import (
     archive_persona,
     clone_persona,
     create_persona,
     diff_versions,
-    export_card,
     get_version,
-    import_card,
     list_versions,
-    prompt_variables,
     save_version,
     set_production,
 )

@@ -32,7 +32,7 @@ def persona_group() -> None:
 @click.option("--key", default=None, help="Persona key (default: the card's callbot key, else from its name).")
 def persona_import(file: Path, key: str | None) -> None:
     """Import a Character Card V2 JSON file as a new persona, or a new version of KEY."""
-    from callbot_core.personas.versions import import_card
+    from callbot_core.personas.cards import import_card
 
     store = open_checked_store()
     info = import_card(store, file.read_bytes(), actor=acting_user(store), key=key)
@@ -46,7 +46,7 @@ def persona_export(ref: str, out: Path | None) -> None:
     """Export KEY[@VERSION] as a Character Card V2 JSON document."""
     import json
 
-    from callbot_core.personas.versions import export_card
+    from callbot_core.personas.cards import export_card
 
     text = json.dumps(export_card(open_checked_store(), ref), indent=2, ensure_ascii=False) + "\n"
     if out is None:

@@ -32,7 +32,7 @@ from callbot_core.conversations.turn import (
 from callbot_core.conversations.validation import clean_variables
 from callbot_core.errors import InvalidInput
 from callbot_core.personas.catalog import get_persona_version
-from callbot_core.personas.versions import default_variables
+from callbot_core.personas.variables import default_variables
 from callbot_core.settings import Settings, get_settings
 from callbot_core.store import Store, open_store
 from callbot_core.store.models import CHANNELS, Conversation, Message, PersonaVersion, utcnow

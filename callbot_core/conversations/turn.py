@@ -34,7 +34,7 @@ from callbot_core.conversations.timing import StageTiming, TurnClock
 from callbot_core.conversations.validation import clean_message
 from callbot_core.errors import BackendError, CallbotError, Conflict, InvalidInput, NotFound
 from callbot_core.personas.fields import params_for
-from callbot_core.personas.versions import default_variables, render_system_prompt
+from callbot_core.personas.variables import default_variables, render_system_prompt
 from callbot_core.store.models import Conversation, Message, PersonaVersion, TurnMetrics
 
 if TYPE_CHECKING:

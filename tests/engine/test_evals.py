@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,6 @@ from callbot_core.experiments.evals.suite import SHIPPED_SUITES_DIR, Assertion
 from callbot_core.store.models import Conversation, EvalResult, EvalRun
 from tests.fake_ollama import FakeOllama
 
-CALLBOT = str(Path(sys.executable).with_name("callbot"))
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -295,20 +291,6 @@ def test_bad_input_is_refused_before_anything_is_stored(store, settings, embedde
 
 
 # -- the command line ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def run(tmp_path: Path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
-    env.update(CALLBOT_DATABASE_URL=f"sqlite:///{tmp_path / 'cli.db'}", CALLBOT_RUNTIME_DIR=str(tmp_path / "rt"))
-
-    def _run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([CALLBOT, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-        if ok:
-            assert proc.returncode == 0, proc.stderr
-        return proc
-
-    return _run
 
 
 @pytest.mark.model

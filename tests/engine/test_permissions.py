@@ -27,12 +27,12 @@ from callbot_core.analytics.saved import delete_query, list_queries, save_query
 from callbot_core.conversations.transcripts import delete_conversation
 from callbot_core.errors import CallbotError, ConfigError, NotFound, PermissionDenied
 from callbot_core.jobs import reports
+from callbot_core.personas.cards import import_card
 from callbot_core.personas.catalog import get_persona_version
 from callbot_core.personas.versions import (
     archive_persona,
     clone_persona,
     create_persona,
-    import_card,
     save_version,
     set_production,
 )

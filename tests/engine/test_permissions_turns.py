@@ -4,15 +4,11 @@ attributed to them. A fast backend registered through the real registry stands i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from sqlalchemy import func, select
 
 from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.access.signin import UserInfo, create_user
-from callbot_core.backends.llm import llm_backends
-from callbot_core.conversations.service import ConversationService
 from callbot_core.errors import PermissionDenied
 from callbot_core.experiments.comparisons import Variant, send_turn, start_comparison, vote
 from callbot_core.experiments.evals import parse_suite, run_suite
@@ -26,24 +22,10 @@ from callbot_core.store.models import (
     TurnMetrics,
     TurnStage,
 )
-from tests.engine.scripted import Scripted
 
 PW = "long-enough-1"
 SUITE = parse_suite("name: perms\nturns:\n  - say: When do you open?\n    expect:\n      - max_words: 40\n")
 TABLES = (Conversation, Message, TurnMetrics, TurnStage, Comparison, ComparisonVote, EvalRun)
-
-
-@pytest.fixture
-def backend() -> Iterator[Scripted]:
-    fake = Scripted()
-    llm_backends.register("scripted", lambda settings: fake)
-    yield fake
-    llm_backends.unregister("scripted")
-
-
-@pytest.fixture
-def service(store, settings, backend: Scripted) -> ConversationService:
-    return ConversationService(store, settings.model_copy(update={"llm_backend": "scripted"}))
 
 
 @pytest.fixture

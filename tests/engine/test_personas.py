@@ -15,19 +15,17 @@ from callbot_core.access.permissions import LOCAL_OPERATOR, OperatorActor
 from callbot_core.backends.llm.ollama import OllamaBackend
 from callbot_core.conversations.service import ConversationService
 from callbot_core.errors import Conflict, InvalidInput, NotFound
+from callbot_core.personas.cards import export_card, import_card
 from callbot_core.personas.catalog import get_persona_version, persona_catalog
+from callbot_core.personas.variables import prompt_variables, render_system_prompt
 from callbot_core.personas.versions import (
     archive_persona,
     clone_persona,
     create_persona,
     diff_versions,
-    export_card,
     get_version,
-    import_card,
     list_versions,
     production_version,
-    prompt_variables,
-    render_system_prompt,
     save_version,
     set_production,
 )

@@ -6,7 +6,6 @@ half-stored; stage rows leaving with their conversation; and the analytics view 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,12 @@ from sqlalchemy import func, select
 
 from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.analytics import Analytics
-from callbot_core.backends.llm import ChatMessage, llm_backends
+from callbot_core.backends.llm import ChatMessage
 from callbot_core.conversations.observers import TurnObserver
 from callbot_core.conversations.service import ConversationService
 from callbot_core.conversations.turn import TurnContext
 from callbot_core.errors import BackendError, BackendUnavailable, InvalidInput, NotFound
 from callbot_core.store.models import Conversation, Message, TurnMetrics, TurnStage
-from tests.engine.scripted import Scripted
 
 DEFAULT_STAGES = ["validate", "prompt", "generate", "persist"]
 HOURS = "Opening hours: Monday to Friday, 8am to 6pm."
@@ -86,20 +84,6 @@ class Brevity:
     def run(self, turn: TurnContext) -> None:
         system = turn.messages[0]
         turn.messages[0] = ChatMessage("system", system.content + "\nAnswer in one sentence.")
-
-
-@pytest.fixture
-def backend() -> Iterator[Scripted]:
-    fake = Scripted()
-    llm_backends.register("scripted", lambda settings: fake)
-    yield fake
-    llm_backends.unregister("scripted")
-
-
-@pytest.fixture
-def service(store, settings, backend: Scripted) -> ConversationService:
-    # The configured backend is the scripted one, resolved through the real registry.
-    return ConversationService(store, settings.model_copy(update={"llm_backend": "scripted"}))
 
 
 def _stages(store, conversation_id: int) -> list[TurnStage]:  # type: ignore[no-untyped-def]
