@@ -79,7 +79,12 @@ def chat(
     In the REPL, /end ends the conversation and prints its summaries; /quit leaves it open.
     """
     from callbot_core.conversations.service import ConversationService
+    from callbot_core.conversations.validation import clean_message
+    from callbot_core.settings import get_settings
 
+    if message is not None:
+        # Refuse a bad --message before the conversation is opened, so a refusal leaves nothing stored.
+        clean_message(message, max_chars=get_settings().max_message_chars)
     given = parse_assignments(variables, error="--var {raw} is not NAME=VALUE, e.g. --var caller_name=Ann")
     store = open_checked_store()
     service = ConversationService(store=store)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from callbot_core.store import Store
 from callbot_core.store.models import Conversation
@@ -116,3 +116,11 @@ def test_personas_and_models(run) -> None:
         assert key in personas
     models = run("models").stdout
     assert "embedded" in models and "ok" in models and "SmolLM2-135M-Instruct.Q4_1" in models
+
+
+def test_a_refused_message_opens_no_conversation(run, tmp_path: Path) -> None:
+    run("db", "upgrade")
+    refused = run("chat", "--persona", "receptionist", "--message", "   ", ok=False)
+    assert refused.returncode == 1 and "The message is empty" in refused.stderr
+    with Store(run.url).session() as s:
+        assert s.scalar(select(func.count()).select_from(Conversation)) == 0

@@ -11,8 +11,7 @@ from sqlalchemy import func, select
 
 from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.access.signin import create_user
-from callbot_core.backends.llm import ChatMessage, GenerationParams, Health, Token, Usage
-from callbot_core.backends.llm.base import estimate_tokens
+from callbot_core.backends.llm import ChatMessage, GenerationParams, Token, Usage
 from callbot_core.backends.llm.ollama import OllamaBackend
 from callbot_core.conversations.service import ConversationService
 from callbot_core.errors import InvalidInput, NotFound
@@ -34,6 +33,7 @@ from callbot_core.store.models import (
     Message,
     TurnMetrics,
 )
+from tests.engine.scripted import Scripted
 from tests.fake_ollama import FakeOllama
 
 PW = "long-enough-1"
@@ -104,7 +104,7 @@ def test_a_parallel_comparison_stores_one_conversation_per_variant(service, stor
     assert list_comparisons(store)[0].id == info.id and list_comparisons(store)[0].variants == 2
 
 
-class _BarrierBackend:
+class _BarrierBackend(Scripted):
     """A backend whose streams only go on once every variant is streaming: proof they run side by side."""
 
     name = "barrier"
@@ -112,24 +112,13 @@ class _BarrierBackend:
     default_model = "barrier"
 
     def __init__(self, parties: int) -> None:
+        super().__init__()
         self.barrier = threading.Barrier(parties, timeout=10)
 
     def stream(self, messages: list[ChatMessage], params: GenerationParams, *, model: str | None = None):  # type: ignore[no-untyped-def]
         self.barrier.wait()  # raises BrokenBarrierError (a failed turn) if the variants ran one by one
         yield Token("Side")
         yield Token(" by side", usage=Usage(completion_tokens=2))
-
-    def list_models(self) -> list[str]:
-        return [self.default_model]
-
-    def health(self) -> Health:
-        return Health(True, self.name, self.where)
-
-    def context_window(self, model: str | None = None) -> int:
-        return 4096
-
-    def count_tokens(self, text: str, model: str | None = None) -> int:
-        return estimate_tokens(text)
 
 
 def test_variants_on_a_remote_backend_really_run_in_parallel(store, settings) -> None:

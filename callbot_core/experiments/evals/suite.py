@@ -126,7 +126,8 @@ def load_suite(path: str | Path) -> Suite:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SuiteError(f"Suite file {p} does not exist") from None
+        known = ", ".join(n.removesuffix(".yaml") for n in suite_files())
+        raise SuiteError(f"Suite file {p} does not exist (shipped suites, by name: {known})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SuiteError(f"Suite file {p} cannot be read: {exc}") from None
     return parse_suite(text, source=p.name, default_name=p.stem)
