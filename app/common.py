@@ -8,12 +8,12 @@ what the user's role cannot use (`allowed`), but the engine checks every action 
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 import streamlit as st
 
+from app.rendering import safe_markdown, safe_markdown_stream
 from callbot_core.access import permissions
 from callbot_core.access.signin import UserInfo
 from callbot_core.backends.llm import available_backends
@@ -147,7 +147,7 @@ def model_picker(backend: str, *, key: str, where: Any = st) -> str | None:
     models, error = backend_models(backend)
     model = where.selectbox("Model", models, key=key, disabled=not models)
     if error:
-        st.error(no_remote_images(error))
+        st.error(safe_markdown(error))
     return model
 
 
@@ -157,32 +157,20 @@ def filter_picker(label: str, options: Sequence[str], *, key: str, where: Any = 
     return None if choice == ALL else choice
 
 
-# User and model text goes to st.markdown / st.write_stream through `no_remote_images`. Streamlit renders
-# Markdown without raw HTML unless `unsafe_allow_html=True`, which this app never passes: a `<script>` in
-# a reply is shown as text (tests/test_browser.py checks it in chromium). Escaping HTML ourselves as well
-# would show `&lt;` literally inside code blocks. Markdown images are the one thing left that makes a
-# viewer's browser fetch a URL that someone else (or a model) wrote, so they are shown as links instead.
-
-_CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)
+# Text someone else wrote (callers, models, other users' personas and saved queries) is shown through
+# `safe_markdown` (app/rendering.py says why and how); a streamed reply through `write_markdown_stream`.
 
 
-def no_remote_images(text: str) -> str:
-    """Markdown with `![alt](url)` turned into `!`+link, leaving code spans and blocks untouched."""
-    parts = _CODE.split(text)
-    return "".join(part if i % 2 else part.replace("![", "\\![") for i, part in enumerate(parts))
+def write_markdown_stream(pieces: Iterable[str], *, where: Any = st) -> str:
+    """Show a token stream as it arrives, made safe as a whole after each piece; returns the text as shown.
 
-
-def no_remote_images_stream(pieces: Iterable[str]) -> Iterator[str]:
-    """The same for a token stream: a `!` is held back until the next piece shows whether `[` follows."""
-    held = ""
-    for piece in pieces:
-        text = held + piece
-        held = ""
-        if text.endswith("!"):
-            text, held = text[:-1], "!"
-        yield text.replace("![", "\\![")
-    if held:
-        yield held
+    `st.write_stream` cannot be used: it appends pieces, while safety depends on the whole text so far.
+    """
+    placeholder = where.empty()
+    text = ""
+    for text in safe_markdown_stream(pieces):
+        placeholder.markdown(text)
+    return text
 
 
 def fmt_ms(value: float | None) -> str:

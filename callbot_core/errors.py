@@ -23,6 +23,10 @@ class Conflict(CallbotError):
     """The request contradicts the store's state (a used persona version edited, a user that exists...)."""
 
 
+class Duplicate(Conflict):
+    """A save hit a unique constraint: another session stored the same key first (the store's check, not ours)."""
+
+
 class BackendError(CallbotError):
     """An LLM backend failed. `backend` and `where` say which one and at what address."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -100,29 +101,54 @@ class Settings(BaseSettings):
     def secret(self) -> str:
         """The signing secret: configured, or generated once into the runtime folder in development.
 
-        Never random per restart: a new secret would sign everyone out and break stored signatures.
+        Never random per restart: a new secret would sign everyone out and break stored signatures. A secret
+        shorter than `MIN_SECRET_BYTES` is refused, wherever it comes from: HS256 cookies signed with a short key
+        can be brute-forced offline from one cookie.
         """
-        if self.secret_key is not None and self.secret_key.get_secret_value():
-            return self.secret_key.get_secret_value()
+        if self.secret_key is not None:
+            return _checked_secret(self.secret_key.get_secret_value(), "CALLBOT_SECRET_KEY")
         if self.env == "production":
             raise ConfigError("CALLBOT_SECRET_KEY must be set when CALLBOT_ENV=production")
         return _read_or_create_secret(self.resolved_runtime_dir() / SECRET_KEY_FILE)
 
 
+MIN_SECRET_BYTES = 32
+_MAKE_ONE = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+
+
+def _checked_secret(value: str, where: str) -> str:
+    value = value.strip()
+    size = len(value.encode("utf-8"))
+    if size < MIN_SECRET_BYTES:
+        what = "is empty" if not size else f"is {size} bytes"
+        raise ConfigError(f"{where} {what}; a secret needs at least {MIN_SECRET_BYTES} bytes (make one: {_MAKE_ONE})")
+    return value
+
+
 def _read_or_create_secret(path: Path) -> str:
-    if path.exists():
-        value = path.read_text(encoding="utf-8").strip()
-        if value:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL so two processes starting at once cannot each write a different secret.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # the other process won: read what it wrote below
+        else:
+            value = secrets.token_urlsafe(48)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(value + "\n")
             return value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(48)
-    # O_EXCL so two processes starting at once cannot each write a different secret.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text(encoding="utf-8").strip()
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(value + "\n")
+    # An empty or short file is refused, not replaced: replacing it would sign everyone out without a word, and a
+    # file someone truncated is worth a look. (The winner of a creation race writes within microseconds.)
+    return _checked_secret(_read_when_written(path), f"The secret file {path}")
+
+
+def _read_when_written(path: Path) -> str:
+    for _ in range(20):
+        value = path.read_text(encoding="utf-8")
+        if value.strip():
+            return value
+        time.sleep(0.01)
     return value
 
 

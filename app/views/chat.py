@@ -9,13 +9,13 @@ from app.common import (
     current_user,
     metric_chips,
     model_picker,
-    no_remote_images,
-    no_remote_images_stream,
     persona_picker,
     require,
+    safe_markdown,
     service,
     store,
     version_picker,
+    write_markdown_stream,
 )
 from callbot_core.conversations.transcripts import get_conversation
 from callbot_core.errors import CallbotError, InvalidInput
@@ -74,9 +74,9 @@ st.caption(f"Conversation {row.id} · {row.persona_key}@{row.persona_version} ·
 
 for message in detail.messages:
     with st.chat_message("user" if message.role == "user" else "assistant"):
-        st.markdown(no_remote_images(message.text))
+        st.markdown(safe_markdown(message.text))
         if message.error:
-            st.caption(f":red-badge[failed] {no_remote_images(message.error)}")
+            st.caption(f":red-badge[failed] {safe_markdown(message.error)}")
         elif message.ttft_ms is not None:
             st.markdown(
                 metric_chips(message.ttft_ms, message.tokens_per_s, message.completion_tokens, message.total_ms)
@@ -85,7 +85,7 @@ for message in detail.messages:
 
 def _run_turn(text: str) -> None:
     with st.chat_message("user"):
-        st.markdown(no_remote_images(text))
+        st.markdown(safe_markdown(text))
     try:
         turn = svc.send(cid, text, actor=user)
     except InvalidInput as exc:
@@ -96,10 +96,10 @@ def _run_turn(text: str) -> None:
         return
     with st.chat_message("assistant"):
         try:
-            st.write_stream(no_remote_images_stream(turn))
+            write_markdown_stream(turn)
         except CallbotError as exc:
             st.session_state[RETRY] = text
-            st.error(no_remote_images(f"The turn failed: {exc}"))
+            st.error(safe_markdown(f"The turn failed: {exc}"))
             return
         st.session_state.pop(RETRY, None)
         result = turn.result
@@ -132,6 +132,6 @@ else:
     short, full = st.session_state.get(SUMMARIES) or (row.summary_short, detail.summary_full)
     st.success("This conversation has ended.")
     st.subheader("Summary")
-    st.markdown(no_remote_images(short or "No summary was written."))
+    st.markdown(safe_markdown(short or "No summary was written."))
     with st.expander("Full summary", expanded=True):
-        st.markdown(no_remote_images(full or "No summary was written."))
+        st.markdown(safe_markdown(full or "No summary was written."))

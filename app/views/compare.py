@@ -9,9 +9,9 @@ from app.common import (
     current_user,
     metric_chips,
     model_picker,
-    no_remote_images,
     persona_picker,
     require,
+    safe_markdown,
     service,
     store,
     version_picker,
@@ -109,7 +109,7 @@ def _show(detail: ComparisonDetail) -> None:
     """Every turn: the caller's text, then one column per variant with its reply, metrics and vote button."""
     for turn in detail.turns:
         with st.chat_message("user"):
-            st.markdown(no_remote_images(turn.user_text))
+            st.markdown(safe_markdown(turn.user_text))
         revealed = detail.reveal(turn.index, user.id)
         chosen = detail.vote_of(turn.index, user.id)
         for variant, reply, column in zip(detail.variants, turn.replies, st.columns(len(detail.variants)), strict=True):
@@ -119,15 +119,15 @@ def _show(detail: ComparisonDetail) -> None:
                 if revealed:
                     header += f" · {variant.describe()}"
                 st.markdown(
-                    f"**{no_remote_images(header)}**" + (" :violet-badge[preferred]" if chosen == variant.id else "")
+                    f"**{safe_markdown(header)}**" + (" :violet-badge[preferred]" if chosen == variant.id else "")
                 )
                 if reply is None:
                     st.caption("No reply: this turn was not sent to this variant.")
                     continue
                 if reply.error:
-                    st.caption(f":red-badge[failed] {no_remote_images(reply.error)}")
+                    st.caption(f":red-badge[failed] {safe_markdown(reply.error)}")
                 else:
-                    st.markdown(no_remote_images(reply.text))
+                    st.markdown(safe_markdown(reply.text))
                     chips = metric_chips(reply.ttft_ms, reply.tokens_per_s, reply.completion_tokens, reply.total_ms)
                     st.markdown(f"{chips} :gray-badge[{reply.words} words]")
                     if st.button(
@@ -158,7 +158,7 @@ except CallbotError as exc:
 top = st.columns([6, 1])
 top[0].caption(
     f"Comparison {detail.id}"
-    + (f" · {no_remote_images(detail.title)}" if detail.title else "")
+    + (f" · {safe_markdown(detail.title)}" if detail.title else "")
     + f" · {len(detail.variants)} variants"
     + (" · blind" if detail.blind else "")
 )
@@ -168,7 +168,7 @@ if top[1].button("New comparison", key="compare_new"):
 
 notice = st.session_state.pop(NOTICE, None)
 if notice:
-    st.error(no_remote_images(notice))
+    st.error(safe_markdown(notice))
 
 _show(detail)
 if not detail.turns:

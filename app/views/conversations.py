@@ -17,8 +17,8 @@ from app.common import (
     filter_picker,
     fmt_ms,
     metric_chips,
-    no_remote_images,
     run_action,
+    safe_markdown,
     store,
 )
 from callbot_core.access.signin import list_users
@@ -167,18 +167,18 @@ if open_id is not None and rows and open_id in {r.id for r in rows}:
     if r.summary_short or detail.summary_full:
         with st.container(border=True):
             st.markdown("**Summary**")
-            st.markdown(no_remote_images(r.summary_short or ""))
+            st.markdown(safe_markdown(r.summary_short or ""))
             if detail.summary_full:
                 with st.expander("Full summary"):
-                    st.markdown(no_remote_images(detail.summary_full))
+                    st.markdown(safe_markdown(detail.summary_full))
     for day, messages in groupby(detail.messages, key=lambda m: m.created_at.date()):
         st.markdown(f"##### {day:%A %d %B %Y}")
         for m in messages:
             with st.chat_message("user" if m.role == "user" else "assistant"):
-                st.markdown(no_remote_images(m.text))
+                st.markdown(safe_markdown(m.text))
                 meta = f"{m.created_at:%H:%M:%S}"
                 if m.error:
-                    st.caption(f"{meta} · :red-badge[failed] {no_remote_images(m.error)}")
+                    st.caption(f"{meta} · :red-badge[failed] {safe_markdown(m.error)}")
                 elif m.ttft_ms is not None:
                     st.markdown(f"{meta} " + metric_chips(m.ttft_ms, m.tokens_per_s, m.completion_tokens, m.total_ms))
                 else:

@@ -12,8 +12,8 @@ from app.common import (
     FAILED,
     allowed,
     current_user,
-    no_remote_images,
     run_action,
+    safe_markdown,
     service,
     store,
     version_picker,
@@ -104,8 +104,8 @@ if current.production:
     tags.append(":green-badge[production]")
 if summary.archived:
     tags.append(":gray-badge[archived]")
-st.markdown(f"### {current.name} · `{current.ref}` " + " ".join(tags))
-st.caption(f"Saved {current.created_at:%Y-%m-%d %H:%M}" + (f" · {current.note}" if current.note else ""))
+st.markdown(f"### {safe_markdown(current.name)} · `{current.ref}` " + " ".join(tags))
+st.caption(f"Saved {current.created_at:%Y-%m-%d %H:%M}" + (f" · {safe_markdown(current.note)}" if current.note else ""))
 
 view_tab, edit_tab, diff_tab, manage_tab, card_tab, suites_tab = st.tabs(
     ["Version", "Edit", "Diff", "Manage", "Card", "Suites"]
@@ -118,7 +118,7 @@ with view_tab:
     if variables:
         st.caption("Variables: " + ", ".join(f"`{{{{{v}}}}}`" for v in variables))
     st.markdown("**Greeting**")
-    st.markdown(no_remote_images(current.greeting or "—"))
+    st.markdown(safe_markdown(current.greeting or "—"))
     st.dataframe(
         pd.DataFrame(
             [
@@ -288,16 +288,19 @@ with suites_tab:
                 if choice == UPLOADED:
                     if upload is None:
                         raise InvalidInput("Upload a suite file first")
-                    suite = parse_suite(upload.getvalue().decode("utf-8"), source=upload.name)
+                    suite = parse_suite(upload.getvalue(), source=upload.name)
                 else:
                     suite = load_suite(suites[choice])
                 if not chosen:
                     raise InvalidInput("Pick at least one version")
                 temps = _temperatures(temps_text)
-                bar = st.progress(0.0, text=f"Running {suite.name}…")
+                bar = st.progress(0.0, text=f"Running {safe_markdown(suite.name)}…")
 
                 def _progress(done: int, total: int) -> None:
-                    bar.progress(done / total if total else 1.0, text=f"Running {suite.name}: {done}/{total} cases")
+                    bar.progress(
+                        done / total if total else 1.0,
+                        text=f"Running {safe_markdown(suite.name)}: {done}/{total} cases",
+                    )
 
                 batch = run_suite(
                     service(),
@@ -311,7 +314,7 @@ with suites_tab:
             except CallbotError as exc:
                 st.error(str(exc))
             else:
-                st.success(f"Batch {batch.batch}: {len(batch.cells)} case(s) of {suite.name} stored.")
+                st.success(f"Batch {batch.batch}: {len(batch.cells)} case(s) of {safe_markdown(suite.name)} stored.")
                 st.dataframe(
                     pd.DataFrame([r.display() for r in batch.summary()]),
                     hide_index=True,

@@ -53,7 +53,8 @@ def app_cmd(port: int, address: str) -> None:
             "(shown this once; change it on the Admin page)",
             fg="yellow",
         )
-    script = PROJECT_ROOT / "app" / "streamlit_app.py"
+    # server.py serves streamlit_app.py's pages behind security headers (see there).
+    script = PROJECT_ROOT / "app" / "server.py"
     if not script.is_file():
         raise ConfigError(f"The browser app is not here ({script}): it ships with the source tree, not the wheel")
     click.echo(f"Callbot Workbench: http://{address}:{port}")
@@ -67,6 +68,8 @@ def app_cmd(port: int, address: str) -> None:
         "--client.toolbarMode", "minimal",
         # Uploads and websockets must come from this app's own pages.
         "--server.enableXsrfProtection", "true",
+        # No traceback reaches a user: errors are logged with an id (app/failures.py); this covers what escapes that.
+        "--client.showErrorDetails", "none",
     ]  # fmt: skip
     sys.stdout.flush()
     os.execv(sys.executable, argv)

@@ -3,7 +3,7 @@
 `run_due` is meant to be called from cron (or a Kubernetes CronJob) every minute. For each job it takes the
 latest cron fire time at or before now and claims that (job, due time) pair by inserting a `pipeline_runs`
 row. The pair is UNIQUE in the store, so when two calls overlap (a slow run, two machines) only one insert
-succeeds and the job runs once; the other call sees the IntegrityError and skips it. Fire times missed while
+succeeds and the job runs once; the other call sees `Duplicate` and skips it. Fire times missed while
 nothing called `run-due` are not backfilled: only the latest one runs.
 
 Cron expressions have five fields and are read in UTC.
@@ -22,10 +22,9 @@ from typing import Any
 import yaml
 from croniter import croniter
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 
 from callbot_core.access.permissions import pipeline_actor
-from callbot_core.errors import CallbotError, InvalidInput
+from callbot_core.errors import CallbotError, Duplicate, InvalidInput
 from callbot_core.jobs import reports, runs
 from callbot_core.jobs import system_metrics as sysmetrics
 from callbot_core.settings import Settings
@@ -233,7 +232,7 @@ def _claim(store: Store, job: str, due_at: datetime) -> int | None:
             session.add(row)
             session.flush()
             return row.id
-    except IntegrityError:
+    except Duplicate:  # the store's unique (job, due_at): another call claimed it between the look and the insert
         return None
 
 

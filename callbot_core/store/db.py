@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -10,9 +11,10 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from callbot_core.errors import ConfigError
+from callbot_core.errors import ConfigError, Duplicate
 from callbot_core.settings import Settings, get_settings
 from callbot_core.store import guards  # noqa: F401  (registers the ORM guards)
 from callbot_core.store.seeds import seed_default_personas
@@ -58,9 +60,20 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session in one transaction: committed on success, rolled back on any error."""
-        with self._sessions() as session, session.begin():
-            yield session
+        """A session in one transaction: committed on success, rolled back on any error.
+
+        A unique-constraint violation becomes `Duplicate`, one line naming the table and key: code checks before
+        it inserts, but two sessions saving the same key at the same moment both pass the check, and the loser
+        should hear what happened, not see a driver's traceback.
+        """
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        except IntegrityError as exc:
+            duplicate = _duplicate(exc)
+            if duplicate is None:
+                raise
+            raise duplicate from exc
 
     def is_migrated(self) -> bool:
         return inspect(self.engine).has_table("alembic_version")
@@ -84,6 +97,31 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+_SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (?P<columns>[\w., ]+)")
+_PG_KEY = re.compile(r"Key \((?P<columns>[^)]*)\)=")
+
+
+def _duplicate(exc: IntegrityError) -> Duplicate | None:
+    """`Duplicate` for a unique violation on SQLite or PostgreSQL; None for any other integrity error."""
+    orig = exc.orig
+    table, columns = "", ""
+    if (match := _SQLITE_UNIQUE.search(str(orig))) is not None:
+        qualified = [c.strip() for c in match["columns"].split(",")]
+        table = qualified[0].split(".")[0]
+        columns = ", ".join(c.split(".")[-1] for c in qualified)
+    elif getattr(orig, "sqlstate", None) == "23505":  # psycopg's unique_violation
+        diag = orig.diag  # type: ignore[union-attr]
+        table = diag.table_name or ""
+        match = _PG_KEY.search(diag.message_detail or "")
+        columns = match["columns"] if match else (diag.constraint_name or "")
+    else:
+        return None
+    return Duplicate(
+        f"Not saved: {table} already has a row with the same {columns} (another save got there first); "
+        "nothing was stored, reload and try again"
+    )
 
 
 _stores: dict[str, Store] = {}

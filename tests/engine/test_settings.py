@@ -49,9 +49,28 @@ def test_secret_is_generated_once_and_kept(tmp_path: Path) -> None:
 
 
 def test_configured_secret_wins(tmp_path: Path) -> None:
-    s = Settings(_env_file=None, runtime_dir=tmp_path, secret_key="from-env")  # type: ignore[call-arg]
-    assert s.secret() == "from-env"
+    configured = "from-env-" + "k" * 40
+    s = Settings(_env_file=None, runtime_dir=tmp_path, secret_key=configured)  # type: ignore[call-arg]
+    assert s.secret() == configured
     assert not (tmp_path / "secret_key").exists()
+
+
+@pytest.mark.parametrize(("value", "problem"), [("", "is empty"), ("   ", "is empty"), ("short-secret", "is 12 bytes")])
+def test_an_empty_or_short_configured_secret_is_refused(tmp_path: Path, value: str, problem: str) -> None:
+    s = Settings(_env_file=None, runtime_dir=tmp_path, secret_key=value)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match=f"CALLBOT_SECRET_KEY {problem}; a secret needs at least 32 bytes"):
+        s.secret()
+    # Refused, not replaced by a generated one behind the operator's back.
+    assert not (tmp_path / "secret_key").exists()
+
+
+@pytest.mark.parametrize(("content", "problem"), [("", "is empty"), ("\n", "is empty"), ("abc\n", "is 3 bytes")])
+def test_an_empty_or_short_secret_file_is_refused_and_kept(tmp_path: Path, content: str, problem: str) -> None:
+    (tmp_path / "secret_key").write_text(content)
+    s = Settings(_env_file=None, runtime_dir=tmp_path)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match=f"The secret file .*secret_key {problem}"):
+        s.secret()
+    assert (tmp_path / "secret_key").read_text() == content
 
 
 def test_production_requires_a_secret(tmp_path: Path) -> None:

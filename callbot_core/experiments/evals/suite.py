@@ -133,7 +133,15 @@ def load_suite(path: str | Path) -> Suite:
     return parse_suite(text, source=p.name, default_name=p.stem)
 
 
-def parse_suite(text: str, *, source: str = "<suite>", default_name: str | None = None) -> Suite:
+def parse_suite(text: str | bytes, *, source: str = "<suite>", default_name: str | None = None) -> Suite:
+    """A suite from YAML text, or from the bytes of an uploaded file (which must be UTF-8)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SuiteError(
+                f"{source}: not UTF-8 text (byte {exc.start} is 0x{text[exc.start]:02x}); save it as UTF-8"
+            ) from None
     return _Parser(source).suite(text, default_name)
 
 
