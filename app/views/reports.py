@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,24 @@ from callbot_core.errors import CallbotError
 from callbot_core.jobs.reports import REPORTS, get_run, list_runs, report_parameters, run_report
 
 OPEN = "reports_open_id"
+REPORT_HEIGHT_PX = 900
+
+
+def _sandboxed(page: str) -> str:
+    """A page holding `page` in an iframe whose scripts run in an opaque origin of their own.
+
+    A report is HTML made from the store's data and the run's parameters, and opened by everyone: whatever got
+    into it must not act as the reader. `components.html` alone would not do, because its iframe is allowed both
+    scripts and the app's origin, so a script in it could read the app's cookies and page through `parent`.
+    Inside it, `sandbox="allow-scripts"` without `allow-same-origin` lets plotly draw the charts, but gives the
+    report an origin of its own ("null"): `parent`, `top`, cookies and storage are out of its reach.
+    """
+    return (
+        "<style>html, body { margin: 0; height: 100%; }</style>"
+        f'<iframe sandbox="allow-scripts" title="Report" style="border: 0; width: 100%; height: 100%" '
+        f'srcdoc="{html.escape(page, quote=True)}"></iframe>'
+    )
+
 
 user = current_user()
 st.title("Reports")
@@ -93,9 +112,7 @@ if chosen is not None:
         page = html_path.read_text(encoding="utf-8")
         st.download_button("Download the report (HTML)", page.encode("utf-8"), html_path.name, "text/html",
                            key="reports_download")  # fmt: skip
-        # The report is our own notebook's output (pandas and plotly escape the data they show); it runs in
-        # Streamlit's sandboxed iframe so its scripts (plotly) cannot reach the app.
-        components.html(page, height=900, scrolling=True)
+        components.html(_sandboxed(page), height=REPORT_HEIGHT_PX)  # the report scrolls inside its own frame
     elif run.status == "running":
         st.info("This run is still going.")
     else:

@@ -10,6 +10,7 @@ from callbot_core.access.permissions import LOCAL_OPERATOR, Actor
 from callbot_core.errors import ConfigError, InvalidInput
 from callbot_core.settings import get_settings
 from callbot_core.store import Store, open_store
+from callbot_core.store.redaction import redact_url
 
 # Where `callbot --as USERNAME` leaves the name for `acting_user` (click shares `meta` with every sub-context).
 AS_USER_KEY = "callbot.as_user"
@@ -19,9 +20,8 @@ def open_checked_store(migrated: bool = True) -> Store:
     settings = get_settings()
     store = open_store(settings)
     if migrated and not store.is_migrated():
-        raise ConfigError(
-            f"The store at {settings.resolved_database_url()} has no tables yet: run `callbot db upgrade` first"
-        )
+        shown = redact_url(settings.resolved_database_url())
+        raise ConfigError(f"The store at {shown} has no tables yet: run `callbot db upgrade` first")
     return store
 
 

@@ -1,7 +1,10 @@
 """Notebook reports: a notebook shipped in `callbot_core/jobs/notebooks/` run by papermill, stored as a `report_runs`
 row and exported to HTML without code (outputs and plotly charts kept, plotly.js embedded so the file opens offline).
 
-Every front end (CLI, Reports page, scheduled pipelines) starts runs through `run_report`.
+Every front end (CLI, Reports page, scheduled pipelines) starts runs through `run_report`. Reports are opened by
+everyone, so a run's parameters are checked against what they mean before anything is stored, the notebooks escape
+what they show as HTML, and neither the report files (readable by their owner only) nor the stored run hold a
+database password.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from callbot_core.access import audit
 from callbot_core.access.permissions import Actor, require
 from callbot_core.errors import ConfigError, InvalidInput, NotFound
 from callbot_core.jobs import runs
+from callbot_core.personas.versions import KEY_PATTERN
 from callbot_core.settings import PROJECT_ROOT, Settings, get_settings
 from callbot_core.store import Store
-from callbot_core.store.models import ReportRun, utcnow
+from callbot_core.store.models import Persona, ReportRun, utcnow
+from callbot_core.store.redaction import redact_url, scrub, url_password
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,11 @@ KERNEL_NAME = "python3"
 # Parameters read as dates. Besides YYYY-MM-DD they accept "today" and "-Nd" (N days before today), so a
 # schedule can say "the last 7 days" without a date that goes stale.
 DATE_PARAMETERS = frozenset({"since", "until"})
+# How many persona keys an unknown one's error lists.
+KNOWN_KEYS_SHOWN = 8
+# The kernel reads the database a run asks for from this variable: passed as a papermill parameter, the URL
+# and its password would be written into the executed notebook. The parameter holds the masked URL.
+DATABASE_URL_ENV = "CALLBOT_REPORT_DATABASE_URL"
 CELL_TIMEOUT_S = 600
 KERNEL_START_TIMEOUT_S = 60
 
@@ -85,7 +95,8 @@ def _info(row: ReportRun) -> ReportRunInfo:
         status=row.status,
         output_html=row.output_html,
         output_notebook=row.output_notebook,
-        error=row.error,
+        # Runs stored before errors were scrubbed may still quote a URL with its password.
+        error=scrub(row.error) if row.error else None,
     )
 
 
@@ -140,7 +151,7 @@ def resolve_date(text: str, *, today: date | None = None) -> date:
     return date.fromisoformat(text)
 
 
-def _coerce(key: str, raw: Any, default: Any, today: date | None) -> Any:
+def _coerce(report: str, key: str, raw: Any, default: Any, today: date | None) -> Any:
     if raw is None:
         return None
     # YAML gives dates and numbers already typed; the CLI and forms give strings. Normalise to text first.
@@ -154,6 +165,10 @@ def _coerce(key: str, raw: Any, default: Any, today: date | None) -> Any:
             raise InvalidInput(
                 f"Parameter {key!r}: {text!r} is not a date; use YYYY-MM-DD, 'today' or '-Nd' (N days ago)"
             ) from None
+    if key == "database_url":
+        return _check_database_url(text)
+    if key == "persona":
+        return text  # checked against the store once the other values are known
     try:
         if isinstance(default, bool):
             if text.lower() in ("true", "1", "yes"):
@@ -167,34 +182,63 @@ def _coerce(key: str, raw: Any, default: Any, today: date | None) -> Any:
             return float(text)
     except ValueError:
         raise InvalidInput(f"Parameter {key!r}: {text!r} is not a {type(default).__name__}") from None
+    # Reports are opened by everyone and show their parameters: text goes in only once `_coerce` knows what it
+    # means (a date, a persona key, a database URL) and checks it. A new text parameter needs a check here first.
+    raise InvalidInput(f"Parameter {key!r} of report {report!r} is text that callbot has no check for yet")
+
+
+def _check_database_url(text: str) -> str:
+    shown = redact_url(text)  # the message may be shown or logged: never with the password
+    try:
+        backend = make_url(text).get_backend_name()
+    except (ArgumentError, ValueError):
+        raise InvalidInput(
+            f"Parameter 'database_url': {shown!r} is not a database URL; use sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST/DATABASE"
+        ) from None
+    if backend not in ("sqlite", "postgresql"):
+        raise InvalidInput(f"Parameter 'database_url': {shown!r} is not a SQLite or PostgreSQL URL")
     return text
 
 
-def coerce_parameters(name: str, parameters: Mapping[str, Any] | None, *, today: date | None = None) -> dict[str, Any]:
-    """Check the keys against the report's parameters cell and turn the values into what the notebook expects."""
+def _check_persona(key: str, store: Store | None) -> None:
+    """`key` names a persona in `store`; without a store to look in, it at least reads as a persona key."""
+    if store is None:
+        if not KEY_PATTERN.match(key):
+            raise InvalidInput(
+                f"Parameter 'persona': {key!r} is not a persona key (1-64 lower-case letters, digits, '-' or '_')"
+            )
+        return
+    with store.session() as session:
+        if session.scalar(select(Persona.id).where(Persona.key == key)) is not None:
+            return
+        known = list(session.scalars(select(Persona.key).order_by(Persona.key).limit(KNOWN_KEYS_SHOWN + 1)))
+    listed = ", ".join(known[:KNOWN_KEYS_SHOWN]) + (", …" if len(known) > KNOWN_KEYS_SHOWN else "")
+    raise InvalidInput(f"Parameter 'persona': {key!r} is not a persona in the store; known: {listed or 'none'}")
+
+
+def coerce_parameters(
+    name: str, parameters: Mapping[str, Any] | None, *, today: date | None = None, store: Store | None = None
+) -> dict[str, Any]:
+    """Check the keys against the report's parameters cell and the values against what they mean, and turn them
+    into what the notebook expects.
+
+    With `store`, a persona must exist in it, unless the run reads another database (whose personas only the
+    notebook sees): then, as without a store (a schedule file checked when it loads), it must read as a key.
+    """
     defaults = report_parameters(name)
     out: dict[str, Any] = {}
     for key, raw in (parameters or {}).items():
         if key not in defaults:
             allowed = ", ".join(defaults) or "none"
             raise InvalidInput(f"Unknown parameter {key!r} for report {name!r}; allowed: {allowed}")
-        out[key] = _coerce(key, raw, defaults[key], today)
+        out[key] = _coerce(name, key, raw, defaults[key], today)
     since, until = out.get("since"), out.get("until")
     if since and until and since > until:  # ISO dates compare correctly as strings
         raise InvalidInput(f"Parameter 'since' ({since}) is after 'until' ({until})")
+    if out.get("persona") is not None:
+        _check_persona(out["persona"], None if out.get("database_url") else store)
     return out
-
-
-def _redacted(values: dict[str, Any]) -> dict[str, Any]:
-    """The parameters as stored and audited: a database URL's password is left out (runs are listed to all)."""
-    url = values.get("database_url")
-    if not url:
-        return dict(values)
-    try:
-        shown = make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        shown = "(unreadable URL)"
-    return {**values, "database_url": shown}
 
 
 def _kernel_name() -> str:
@@ -215,9 +259,10 @@ def _kernel_name() -> str:
     return KERNEL_NAME
 
 
-def _kernel_env(settings: Settings, store: Store) -> dict[str, str]:
+def _kernel_env(settings: Settings, store: Store, database_url: str | None = None) -> dict[str, str]:
     """The kernel's environment: ours, plus the effective settings as CALLBOT_* variables, so the notebook's
-    own `Settings()` reads the same store and runtime folder even when the caller passed settings in code."""
+    own `Settings()` reads the same store and runtime folder even when the caller passed settings in code, plus
+    the database the run reads when it is not the store."""
     env = dict(os.environ)
     for field in type(settings).model_fields:
         value = getattr(settings, field)
@@ -228,6 +273,9 @@ def _kernel_env(settings: Settings, store: Store) -> dict[str, str]:
         env[f"CALLBOT_{field.upper()}"] = str(value)
     env["CALLBOT_RUNTIME_DIR"] = str(settings.resolved_runtime_dir())
     env["CALLBOT_DATABASE_URL"] = store.url
+    env.pop(DATABASE_URL_ENV, None)  # one left in our own environment must not redirect a run that asked for none
+    if database_url:
+        env[DATABASE_URL_ENV] = database_url
     # callbot_core is normally installed (editable) in the venv; this also covers a plain source checkout.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
@@ -305,7 +353,40 @@ def export_html(notebook_path: Path, html_path: Path, *, title: str) -> None:
     nb = nbformat.read(notebook_path, as_version=4)
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    _create_private(html_path)
     html_path.write_text(_EXTERNAL_SCRIPT.sub("", body), encoding="utf-8")
+
+
+def _create_private(path: Path) -> None:
+    """An empty file only its owner may read. Writers that open it with "w" (papermill, `write_text`) keep its
+    mode, so a report (the store's data, the store's address) is never readable by other accounts, not even
+    while it is being written."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    os.chmod(path, 0o600)  # O_CREAT leaves an existing file's mode as it was
+
+
+def _written(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _scrub_notebook(path: Path, secrets: tuple[str, ...]) -> None:
+    """Mask the run's passwords wherever an output echoes one (a driver's error, a traceback quoting a URL)."""
+    if not secrets:
+        return
+    import nbformat
+
+    def scrubbed(value: Any) -> Any:
+        if isinstance(value, str):
+            return scrub(value, *secrets)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                value[k] = scrubbed(v)
+        elif isinstance(value, list):
+            value[:] = [scrubbed(v) for v in value]
+        return value
+
+    nb = nbformat.read(path, as_version=4)
+    nbformat.write(scrubbed(nb), path)
 
 
 def _cell_error(exc: BaseException) -> str:
@@ -334,16 +415,23 @@ def run_report(
 
     require(actor, "report.run")
     path = report_path(name)
-    values = coerce_parameters(name, parameters)
-    if values.get("database_url") is not None:
+    values = coerce_parameters(name, parameters, store=store)
+    database_url = values.get("database_url")
+    if database_url is not None:
         # The notebook reads whatever that URL reaches, with the server's network access: an admin's call.
         require(actor, "report.other_database")
     settings = settings or get_settings()
     kernel = _kernel_name()
     out_dir = settings.resolved_runtime_dir() / "reports"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    shown = _redacted(values)
+    # Runs are listed to everyone and papermill writes its parameters into the notebook: both get the URL with its
+    # password masked, and the kernel the real one through its environment. Passwords that still turn up in an
+    # output or an error (a driver quoting what it was given) are masked by name.
+    shown = {**values, "database_url": redact_url(database_url)} if database_url else dict(values)
+    secrets = tuple(
+        {p for p in (url_password(database_url), url_password(store.url), url_password(settings.database_url)) if p}
+    )
     with store.session() as session:
         row = ReportRun(
             name=name, parameters=shown, requested_by=actor.username, status="running", worker=runs.worker_id()
@@ -357,34 +445,39 @@ def run_report(
     html_path = out_dir / f"{run_id}-{name}.html"
     status, error = "failed", "interrupted before the notebook finished"
     try:
+        _create_private(nb_path)
         papermill.execute_notebook(
             str(path),
             str(nb_path),
-            parameters=values,
+            parameters=shown,
             engine_name=_register_engine(),
             kernel_name=kernel,
             progress_bar=False,
             log_output=False,
             start_timeout=KERNEL_START_TIMEOUT_S,
-            kernel_env=_kernel_env(settings, store),
+            kernel_env=_kernel_env(settings, store, database_url),
             # The runtime folder, not the notebooks' own: an installed package may sit on a read-only filesystem.
             kernel_cwd=str(out_dir),
             progress=progress,
         )
         status, error = "succeeded", None
     except Exception as exc:
-        error = _cell_error(exc)
+        error = scrub(_cell_error(exc), *secrets)
         log.info("report %s run %s failed: %s", name, run_id, error)
     finally:
         html: str | None = None
-        if nb_path.is_file():
+        if _written(nb_path):
             # Also after a failure: papermill saved the notebook up to the failing cell, which the HTML shows.
             try:
+                _scrub_notebook(nb_path, secrets)
                 export_html(nb_path, html_path, title=f"{name} #{run_id}")
                 html = str(html_path)
             except Exception as exc:
                 status = "failed"
-                error = (error + "; " if error else "") + f"HTML export failed: {type(exc).__name__}: {exc}"
+                failure = scrub(f"HTML export failed: {type(exc).__name__}: {exc}", *secrets)
+                error = (error + "; " if error else "") + failure
+        else:
+            nb_path.unlink(missing_ok=True)  # papermill failed before writing anything into it
         with store.session() as session:
             row = session.get_one(ReportRun, run_id)
             row.status = status

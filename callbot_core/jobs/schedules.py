@@ -30,6 +30,7 @@ from callbot_core.jobs import system_metrics as sysmetrics
 from callbot_core.settings import Settings
 from callbot_core.store import Store
 from callbot_core.store.models import PipelineRun, utcnow
+from callbot_core.store.redaction import scrub, url_password
 
 # The shipped schedule is package data; `--schedules FILE` (or CALLBOT_SCHEDULES_FILE) names another.
 SCHEDULES_PATH = Path(str(resources.files("callbot_core.jobs").joinpath("schedules.yaml")))
@@ -265,7 +266,8 @@ def _run_job(store: Store, job: Job, run_id: int, due_at: datetime, settings: Se
             )
             status, error, report_run_id, html = run.status, run.error, run.id, run.output_html
     except Exception as exc:  # one job's failure is recorded and must not stop the other jobs
-        error = f"{type(exc).__name__}: {exc}"
+        # Masked: a driver's error can quote the connection string, and this row is shown on the Reports page.
+        error = scrub(f"{type(exc).__name__}: {exc}", url_password(store.url))
     with store.session() as session:
         row = session.get_one(PipelineRun, run_id)
         row.status, row.error, row.report_run_id, row.finished_at = status, error, report_run_id, utcnow()

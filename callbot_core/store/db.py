@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from callbot_core.errors import ConfigError, Duplicate
 from callbot_core.settings import Settings, get_settings
 from callbot_core.store import guards  # noqa: F401  (registers the ORM guards)
+from callbot_core.store.redaction import redact_url
 from callbot_core.store.seeds import seed_default_personas
 
 # Shipped inside the package, so an installed wheel (a container image) migrates as a checkout does.
@@ -43,7 +44,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     if url.startswith("postgresql"):
         return create_engine(url, pool_pre_ping=True, **kwargs)
-    raise ConfigError(f"Unsupported CALLBOT_DATABASE_URL {url!r}: use sqlite:///… or postgresql+psycopg://…")
+    raise ConfigError(
+        f"Unsupported CALLBOT_DATABASE_URL {redact_url(url)!r}: use sqlite:///… or postgresql+psycopg://…"
+    )
 
 
 class Store:
