@@ -7,6 +7,7 @@ the only route that answers without it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # Streamlit puts this folder on sys.path, not the project root; the pages import `app.common`.
@@ -14,62 +15,133 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+import jwt  # noqa: E402
 import streamlit as st  # noqa: E402
 import streamlit_authenticator as stauth  # noqa: E402
+from streamlit_authenticator.models import CookieModel  # noqa: E402
 from streamlit_authenticator.utilities import LoginError  # noqa: E402
 
-from app.common import USER_KEY, client_addr, settings, store  # noqa: E402
-from callbot_core.access import audit  # noqa: E402
+from app.common import USER_KEY, client_addr, safe_markdown, settings, store  # noqa: E402
+from app.failures import run_page  # noqa: E402
+from callbot_core.access import sessions  # noqa: E402
 from callbot_core.access.permissions import allowed  # noqa: E402
-from callbot_core.access.signin import AccountLocked, UserInfo, active_usernames, authenticate  # noqa: E402
+from callbot_core.access.signin import UserInfo, authenticate  # noqa: E402
 
 VIEWS = Path(__file__).parent / "views"
 COOKIE_NAME = "callbot_auth"
+# This browser session's store session token (`callbot_core.access.sessions`); the cookie carries it across reloads.
+SESSION_KEY = "cb_session_token"
+DEAD_COOKIE_KEY = "cb_dead_cookie"
 WANTED_PAGE = "cb_wanted_page"
 # streamlit-authenticator waits this long before showing the form so its cookie component can report a
 # saved sign-in; its 0.7 s default makes every fresh page load feel slow.
 LOGIN_SLEEP_S = 0.3
+WRONG = "Username or password is incorrect."
+ENDED = "Your session has ended; please sign in again."
 
 st.set_page_config(page_title="Callbot Workbench", page_icon=":telephone_receiver:", layout="wide")
 
 
-def _authenticator(users: dict[str, UserInfo]) -> stauth.Authenticate:
-    credentials = {
-        "usernames": {
-            name: {
-                "name": info.display_name,
-                "email": info.email or "",
-                # Never checked: `check_credentials` is replaced below by the store's own check, so the
-                # hash, the lockout and the audit live in one place. A bcrypt-shaped value keeps the
-                # library from trying to hash it.
-                "password": "$2b$12$" + "x" * 53,
-                "roles": [info.role],
-            }
-            for name, info in users.items()
-        }
-    }
+def _cookie_claims(raw: str, key: str) -> dict[str, object] | None:
+    """The sign-in cookie's claims if we signed it (HS256 with our secret), else None. Anything else (another
+    algorithm, `alg: none`, another key, garbage) is a visitor who is not signed in, never an error."""
+    try:
+        claims = jwt.decode(raw, key, algorithms=["HS256"])
+    except jwt.PyJWTError:
+        return None
+    if not isinstance(claims, dict) or not isinstance(claims.get("sid"), str):
+        return None  # a cookie from before sessions were stored, or not ours
+    return claims
+
+
+class StoreSessionCookie(CookieModel):
+    """streamlit-authenticator's re-login cookie, carrying the store session's token instead of standing for the
+    sign-in itself: a cookie signs a browser in only while its session is live in the store, so signing out,
+    a new password or role, an admin's lock or deleting the user ends it, copies included."""
+
+    def __init__(self, base: CookieModel, admit: Callable[[UserInfo], None]) -> None:
+        # Adopt the library's model instead of calling its __init__, which would draw a second cookie component.
+        self.__dict__.update(base.__dict__)
+        self._admit = admit
+
+    def get_cookie(self) -> dict[str, object] | None:
+        if st.session_state.get("logout"):
+            return None
+        raw = st.context.cookies.get(self.cookie_name)
+        # The request's cookies stay as they were when the page loaded: a cookie found dead once is dead for this
+        # browser session, and deleting it again would race the new cookie a sign-in is about to set.
+        if not raw or st.session_state.get(DEAD_COOKIE_KEY) == raw:
+            return None
+        claims = _cookie_claims(raw, self.cookie_key)
+        user = sessions.user_for(store(), claims["sid"]) if claims else None  # type: ignore[arg-type]
+        if claims is None or user is None:
+            st.session_state[DEAD_COOKIE_KEY] = raw
+            st.info(ENDED)
+            self.delete_cookie()
+            return None
+        st.session_state[SESSION_KEY] = claims["sid"]
+        self._admit(user)
+        return {"username": user.username, "exp_date": claims.get("exp_date")}
+
+    def _token_encode(self) -> str:
+        payload = {"username": st.session_state["username"], "sid": st.session_state[SESSION_KEY],
+                   "exp_date": self.exp_date}  # fmt: skip
+        return jwt.encode(payload, self.cookie_key, algorithm="HS256")
+
+
+def _authenticator() -> stauth.Authenticate:
+    """The library's form and cookie; the store decides who signs in (`authenticate`) and for how long (a store
+    session). The library's credentials start empty: a user is added once the store has let them in."""
     authenticator = stauth.Authenticate(
-        credentials,
+        {"usernames": {}},
         cookie_name=COOKIE_NAME,
-        cookie_key=settings().secret(),  # signs the re-login cookie (HS256 JWT)
-        cookie_expiry_days=1,
+        cookie_key=settings().secret(),  # signs the cookie (HS256 JWT); the store session is what counts
+        cookie_expiry_days=sessions.SESSION_TTL.total_seconds() / 86400,
         auto_hash=False,
         login_sleep_time=LOGIN_SLEEP_S,
     )
+    model = authenticator.authentication_controller.authentication_model
+
+    def admit(user: UserInfo) -> None:
+        # "password" is never read: `check_credentials` below is the store's own check.
+        model.credentials["usernames"][user.username] = {
+            "name": user.display_name, "email": user.email or "", "password": "", "roles": [user.role],
+        }  # fmt: skip
 
     def check_credentials(username: str, password: str) -> bool:
-        try:
-            return authenticate(store(), username, password, client_addr=client_addr()) is not None
-        except AccountLocked as exc:
-            raise LoginError(str(exc)) from exc
+        user = authenticate(store(), username, password, client_addr=client_addr())
+        if user is None:
+            return False
+        st.session_state[SESSION_KEY] = sessions.start(store(), user, client_addr=client_addr()).token
+        admit(user)
+        return True
 
-    authenticator.authentication_controller.authentication_model.check_credentials = check_credentials  # type: ignore[method-assign]
+    def login_as_typed(
+        username: str | None = None, password: str | None = None, max_concurrent_users: int | None = None,
+        max_login_attempts: int | None = None, token: dict | None = None, single_session: bool = False,
+        callback: Callable | None = None, **_: object,
+    ) -> bool | None:  # fmt: skip
+        # The library strips the password; ours is taken as typed, as it was when it was set (spaces included).
+        name = username.strip().lower() if username else username
+        return model.login(name, password, max_concurrent_users, max_login_attempts, token, single_session, callback)
+
+    model.check_credentials = check_credentials  # type: ignore[method-assign]
+    authenticator.authentication_controller.login = login_as_typed  # type: ignore[method-assign]
+    cookies = authenticator.cookie_controller
+    cookies.cookie_model = StoreSessionCookie(cookies.cookie_model, admit)
     return authenticator
 
 
 def _signed_in_user() -> tuple[UserInfo | None, stauth.Authenticate]:
-    users = active_usernames(store())
-    authenticator = _authenticator(users)
+    authenticator = _authenticator()
+    if st.session_state.get("authentication_status"):
+        # Every rerun asks the store: the session may have been revoked or have expired since the last one.
+        user = sessions.user_for(store(), st.session_state.get(SESSION_KEY))
+        if user is not None:
+            return user, authenticator
+        authenticator.logout(location="unrendered")  # deletes the cookie; the form below is drawn again
+        st.session_state.pop(SESSION_KEY, None)
+        st.info(ENDED)
     try:
         authenticator.login(location="main", fields={"Form name": "Sign in to Callbot Workbench"})
     except LoginError as exc:
@@ -78,15 +150,13 @@ def _signed_in_user() -> tuple[UserInfo | None, stauth.Authenticate]:
     # No st.rerun() after a form sign-in: it would cancel the cookie component that is writing the
     # sign-in cookie. The form goes away on the rerun that component triggers once the cookie is set.
     status = st.session_state.get("authentication_status")
-    username = st.session_state.get("username")
-    if status and username in users:
-        return users[username], authenticator
-    if status and username not in users:
-        # Locked or removed since the cookie was issued: sign out now rather than trust the cookie.
-        authenticator.logout(location="unrendered")
-        st.error("This account can no longer sign in; ask an admin.")
+    if status:
+        user = sessions.user_for(store(), st.session_state.get(SESSION_KEY))
+        if user is not None:
+            return user, authenticator
     elif status is False:
-        st.error("Username or password is incorrect.")
+        # The same line for a wrong password, an unknown name, a locked account and a throttled address.
+        st.error(WRONG)
     return None, authenticator
 
 
@@ -136,11 +206,12 @@ if allowed(user, "user.manage"):
     pages.append(st.Page(VIEWS / "admin.py", title="Admin", icon=":material/admin_panel_settings:", url_path="admin"))
 
 with st.sidebar:
-    st.caption(f"Signed in as **{user.display_name}** ({user.role})")
+    st.caption(f"Signed in as **{safe_markdown(user.display_name)}** ({user.role})")
     authenticator.logout(
         "Sign out",
         location="sidebar",
-        callback=lambda _: audit.log(store(), "logout", actor=user.username, client_addr=client_addr()),
+        # Revokes this browser's store session (audited as `logout`): a copy of the cookie dies with it.
+        callback=lambda _: sessions.end(store(), st.session_state.get(SESSION_KEY), client_addr=client_addr()),
     )
     if not st.session_state.get("authentication_status"):
         # Keep the library's `logout` flag (it stops the cookie signing the user straight back in) and
@@ -154,4 +225,5 @@ wanted = st.session_state.pop(WANTED_PAGE, None)
 target = next((p for p in pages if p.url_path == wanted), None)
 if target is not None and target.url_path != current.url_path:
     st.switch_page(target)
-current.run()
+# A bug on a page is logged with an id and shown as one line, never as a traceback (app/failures.py).
+run_page(current)

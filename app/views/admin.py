@@ -1,4 +1,7 @@
-"""Admin: users (add, role, password, unlock), the audit log, and the backends' health."""
+"""Admin: users (add, role, password, lock, unlock), the audit log, and the backends' health.
+
+A new password, a new role and a lock end every open session of that user (the engine revokes them); an admin who
+changes their own password or role is signed out here too, and signs in again."""
 
 from __future__ import annotations
 
@@ -6,8 +9,17 @@ import pandas as pd
 import streamlit as st
 
 from app.common import FAILED, backend_picker, client_addr, current_user, require, run_action, service, store
-from callbot_core.access import audit
-from callbot_core.access.signin import create_user, list_users, reset_password, set_role, unlock
+from callbot_core.access import audit, sessions
+from callbot_core.access.signin import (
+    LOCKED_UNTIL_UNLOCKED,
+    create_user,
+    is_locked,
+    list_users,
+    lock,
+    reset_password,
+    set_role,
+    unlock,
+)
 from callbot_core.errors import CallbotError
 from callbot_core.store.models import ROLES, utcnow
 
@@ -26,6 +38,12 @@ def _act(success: str, fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-
         st.rerun()
 
 
+def _locked_until(u, now) -> str:  # type: ignore[no-untyped-def]
+    if not is_locked(u, now):
+        return ""
+    return "until unlocked" if u.locked_until >= LOCKED_UNTIL_UNLOCKED else u.locked_until.strftime("%Y-%m-%d %H:%M")
+
+
 if flash := st.session_state.pop(FLASH, None):
     st.success(flash)
 
@@ -35,6 +53,7 @@ users_tab, audit_tab, backend_tab = st.tabs(["Users", "Audit log", "Backends"])
 with users_tab:
     now = utcnow()
     users = list_users(store())
+    live = sessions.live_counts(store())
     st.dataframe(
         pd.DataFrame(
             [
@@ -46,9 +65,8 @@ with users_tab:
                     "created": u.created_at.strftime("%Y-%m-%d") if u.created_at else "",
                     "last login": u.last_login_at.strftime("%Y-%m-%d %H:%M") if u.last_login_at else "never",
                     "failed logins": u.failed_logins,
-                    "locked until": u.locked_until.strftime("%Y-%m-%d %H:%M")
-                    if u.locked_until and u.locked_until > now
-                    else "",
+                    "locked until": _locked_until(u, now),
+                    "open sessions": live.get(u.username, 0),
                 }
                 for u in users
             ]
@@ -83,16 +101,23 @@ with users_tab:
             who = st.selectbox("User", names, key="admin_role_user")
             role = st.selectbox("New role", ROLES, key="admin_role_role")
             if st.form_submit_button("Change role"):
-                _act(f"{who} is now {role}.", set_role, store(), who, role, actor=user,
+                _act(f"{who} is now {role}; their open sessions have ended.", set_role, store(), who, role, actor=user,
                      client_addr=client_addr())  # fmt: skip
         with st.form("admin_password", clear_on_submit=True):
             st.markdown("**Reset a password**")
             who_pw = st.selectbox("User", names, key="admin_pw_user")
             password = st.text_input("New password", type="password", key="admin_pw_password")
             if st.form_submit_button("Reset password"):
-                _act(f"Password of {who_pw} reset.", reset_password, store(), who_pw, password,
+                _act(f"Password of {who_pw} reset; their open sessions have ended.", reset_password, store(), who_pw,
+                     password, actor=user, client_addr=client_addr())  # fmt: skip
+        locked = [u.username for u in users if is_locked(u, now)]
+        with st.form("admin_lock"):
+            st.markdown("**Lock an account**")
+            lockable = [n for n in names if n not in locked and n != user.username]
+            who_locks = st.selectbox("User", lockable, key="admin_lock_user", placeholder="No one to lock")
+            if st.form_submit_button("Lock", disabled=not lockable):
+                _act(f"{who_locks} locked until unlocked; their open sessions have ended.", lock, store(), who_locks,
                      actor=user, client_addr=client_addr())  # fmt: skip
-        locked = [u.username for u in users if u.locked_until and u.locked_until > now]
         with st.form("admin_unlock"):
             st.markdown("**Unlock an account**")
             who_lock = st.selectbox("Locked user", locked, key="admin_unlock_user", placeholder="No locked accounts")

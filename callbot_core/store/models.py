@@ -69,6 +69,23 @@ class User(Base):
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class UserSession(Base):
+    """One browser sign-in. The cookie carries a random token; only its SHA-256 hex digest is stored, so a
+    leaked copy of this table signs nobody in. A session is valid while it exists, is not revoked and has
+    not expired (`callbot_core.access.sessions`)."""
+
+    __tablename__ = "user_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # CASCADE: deleting a user ends their sessions in the database itself.
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    client_addr: Mapped[str | None] = mapped_column(String(64))
+
+
 class Persona(Base):
     __tablename__ = "personas"
 
