@@ -1,4 +1,4 @@
-"""Admin: users (add, role, password, lock, unlock), the audit log, and the backends' health.
+"""Admin: users (add, role, password, lock, unlock, delete), the audit log, and the backends' health.
 
 A new password, a new role and a lock end every open session of that user (the engine revokes them); an admin who
 changes their own password or role is signed out here too, and signs in again."""
@@ -13,6 +13,7 @@ from callbot_core.access import audit, sessions
 from callbot_core.access.signin import (
     LOCKED_UNTIL_UNLOCKED,
     create_user,
+    delete_user,
     is_locked,
     list_users,
     lock,
@@ -124,6 +125,19 @@ with users_tab:
             if st.form_submit_button("Unlock", disabled=not locked):
                 _act(f"{who_lock} unlocked.", unlock, store(), who_lock, actor=user,
                      client_addr=client_addr())  # fmt: skip
+        with st.form("admin_delete", clear_on_submit=True):
+            st.markdown("**Delete an account**")
+            deletable = [n for n in names if n != user.username]
+            who_goes = st.selectbox("User", deletable, key="admin_delete_user", placeholder="No one to delete")
+            sure = st.checkbox(
+                "Their sessions and saved queries go too; their conversations stay", key="admin_delete_sure"
+            )
+            if st.form_submit_button("Delete", disabled=not deletable):
+                if not sure:
+                    st.error("Tick the box to confirm the deletion.")
+                else:
+                    _act(f"{who_goes} deleted; their open sessions have ended.", delete_user, store(), who_goes,
+                         actor=user, client_addr=client_addr())  # fmt: skip
 
 with audit_tab:
     prefix = st.selectbox("Actions", ["all", "login.", "logout", "user.", "conversation."], key="admin_audit_prefix")

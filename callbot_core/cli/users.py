@@ -86,3 +86,18 @@ def user_lock(username: str) -> None:
     name = get_user_info(store, username).username
     lock(store, name, actor=actor)
     click.echo(f"User {name!r} locked until unlocked; their open sessions have ended.")
+
+
+@user.command("delete")
+@click.argument("username")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def user_delete(username: str, yes: bool) -> None:
+    """Remove an account and end its sessions; its conversations stay, without a user."""
+    from callbot_core.access.signin import delete_user, get_user_info
+
+    store, actor = _manager()
+    name = get_user_info(store, username).username
+    if not yes:
+        click.confirm(f"Delete user {name!r}? Their sessions and saved queries go with them", abort=True)
+    delete_user(store, name, actor=actor)
+    click.echo(f"User {name!r} deleted; their open sessions have ended.")

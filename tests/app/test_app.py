@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.access.signin import MAX_FAILED_LOGINS, create_user, get_user_info
+from callbot_core.errors import NotFound
 from callbot_core.store import Store
 from callbot_core.store.models import AuditLog
 from tests.app.helpers import (
@@ -270,6 +271,20 @@ def test_admin_adds_a_user_changes_a_role_and_resets_a_password(app_store: Store
 
     audit_frame = next(df.value for df in at.dataframe if "action" in df.value.columns)
     assert {"user.add", "user.role"} <= set(audit_frame["action"])
+
+    # Deleting asks for the tick first, then removes the account.
+    at.selectbox(key="admin_delete_user").select("nina")
+    button(at, "Delete").click()
+    at.run()
+    assert "Tick the box to confirm the deletion." in [e.value for e in at.error]
+    assert get_user_info(app_store, "nina").username == "nina"
+    at.selectbox(key="admin_delete_user").select("nina")
+    at.checkbox(key="admin_delete_sure").check()
+    button(at, "Delete").click()
+    at.run()
+    assert "nina deleted; their open sessions have ended." in [s.value for s in at.success]
+    with pytest.raises(NotFound):
+        get_user_info(app_store, "nina")
 
 
 @pytest.mark.model

@@ -1,5 +1,5 @@
-"""`callbot user passwd | unlock | lock`: in-process on SQLite and PostgreSQL (the prompt needs click's runner), and
-once as a real subprocess for the one-line errors."""
+"""`callbot user passwd | unlock | lock | delete`: in-process on SQLite and PostgreSQL (the prompt needs click's
+runner), and once as a real subprocess for the one-line errors."""
 
 from __future__ import annotations
 
@@ -103,10 +103,33 @@ def test_lock_ends_sessions_until_unlocked(store: Store, callbot) -> None:  # ty
     assert authenticate(store, "rita", PW) is not None
 
 
+def test_delete_asks_first_ends_sessions_and_keeps_the_last_admin(store: Store, callbot) -> None:  # type: ignore[no-untyped-def]
+    create_user(store, "rita", PW, actor=LOCAL_OPERATOR)
+    token = _session(store, "rita")
+    declined = callbot("user", "delete", "rita", input="n\n")
+    assert declined.exit_code == 1 and "Delete user 'rita'?" in declined.output
+    assert sessions.user_for(store, token) is not None  # nothing happened
+    deleted = callbot("user", "delete", "rita", "--yes")
+    assert deleted.exit_code == 0, deleted.output
+    assert "User 'rita' deleted; their open sessions have ended." in deleted.output
+    assert sessions.user_for(store, token) is None
+    assert "Unknown user 'rita'" in str(callbot("user", "delete", "rita", "--yes").exception)
+    # The store has no other admin: the only one stays.
+    create_user(store, "solo", PW, role="admin", actor=LOCAL_OPERATOR)
+    refused = callbot("user", "delete", "solo", "--yes")
+    assert "The last admin cannot be deleted" in str(refused.exception)
+    assert get_user_info(store, "solo").role == "admin"
+
+
 def test_only_admins_manage_users_from_the_command_line(store: Store, callbot) -> None:  # type: ignore[no-untyped-def]
     create_user(store, "rita", PW, actor=LOCAL_OPERATOR)
     create_user(store, "vera", PW, role="viewer", actor=LOCAL_OPERATOR)
-    for args in (["unlock", "rita"], ["lock", "rita"], ["passwd", "rita", "--password-stdin"]):
+    for args in (
+        ["unlock", "rita"],
+        ["lock", "rita"],
+        ["passwd", "rita", "--password-stdin"],
+        ["delete", "rita", "--yes"],
+    ):
         result = callbot("--as", "vera", "user", *args, input="some-new-pass\n")
         assert "may not manage users" in str(result.exception)
     assert authenticate(store, "rita", PW) is not None
