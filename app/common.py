@@ -15,6 +15,7 @@ import streamlit as st
 
 from app.rendering import safe_markdown, safe_markdown_stream
 from callbot_core.access import permissions
+from callbot_core.access.clients import client_address
 from callbot_core.access.signin import UserInfo
 from callbot_core.backends.llm import available_backends
 from callbot_core.conversations.service import ConversationService
@@ -56,11 +57,13 @@ def backend_models(backend: str) -> tuple[list[str], str | None]:
 
 
 def client_addr() -> str | None:
+    """The browser's address, through trusted proxies (`callbot_core.access.clients`)."""
     try:
         ip = st.context.ip_address
+        forwarded = st.context.headers.get("X-Forwarded-For")
     except Exception:  # no browser behind the session (tests, bare mode)
         return None
-    return ip if isinstance(ip, str) else None
+    return client_address(ip if isinstance(ip, str) else None, forwarded, settings().trusted_proxies)
 
 
 def current_user() -> UserInfo:

@@ -7,10 +7,10 @@ import secrets
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, PrivateAttr, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, PrivateAttr, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from callbot_core.errors import ConfigError
 
@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     bcrypt_rounds: int = Field(12, ge=4, le=16)
     # The `admin` account's password when `callbot app` creates it; otherwise one is generated and printed once.
     admin_password: SecretStr | None = None
+    # Reverse proxies whose X-Forwarded-For is believed (addresses or networks, comma separated in the environment):
+    # sign-in throttling then counts the real client, not the proxy everyone shares.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     llm_backend: str = "embedded"
     llm_model: str | None = None
@@ -78,6 +81,11 @@ class Settings(BaseSettings):
 
     # Backend instances built from these settings (see registry.py): they live and die with this object.
     _backends: dict[tuple[str, str], tuple[object, object]] = PrivateAttr(default_factory=dict)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
     def backend_cache(self) -> dict[tuple[str, str], tuple[object, object]]:
         return self._backends
