@@ -41,10 +41,11 @@ def _metrics_line(result: object) -> str:
 
 
 def _stream_reply(service: object, conversation_id: int, text: str, actor: object) -> None:
-    turn = service.send(conversation_id, text, actor=actor)  # type: ignore[attr-defined]
-    click.echo("bot> ", nl=False)
-    for piece in turn:
-        click.echo(piece, nl=False)
+    # `with`: Ctrl-C or a closed terminal mid-reply stores the turn as interrupted before the command goes.
+    with service.send(conversation_id, text, actor=actor) as turn:  # type: ignore[attr-defined]
+        click.echo("bot> ", nl=False)
+        for piece in turn:
+            click.echo(piece, nl=False)
     click.echo()
     click.secho(_metrics_line(turn.result), dim=True)
 
@@ -79,9 +80,12 @@ def chat(
     In the REPL, /end ends the conversation and prints its summaries; /quit leaves it open.
     """
     from callbot_core.conversations.service import ConversationService
-    from callbot_core.conversations.validation import clean_message
+    from callbot_core.conversations.validation import clean_message, require_text
     from callbot_core.settings import get_settings
 
+    for option, value in (("--persona", persona), ("--backend", backend), ("--model", model)):
+        if value is not None:  # a non-UTF-8 byte in argv arrives as a lone surrogate, which no store can take
+            require_text(value, option)
     if message is not None:
         # Refuse a bad --message before the conversation is opened, so a refusal leaves nothing stored.
         clean_message(message, max_chars=get_settings().max_message_chars)

@@ -6,7 +6,8 @@ observer subclasses `TurnObserver` and overrides only the events it needs.
 
 Events, in order: `turn_started`; per stage `stage_started`, `stage_first_output` (once, at its first output),
 `token` (each piece a streaming stage yields), `stage_ended` (with the error when it failed); then `persist`
-inside the turn's one transaction (only when a stage stored the turn); then `turn_finished` or `turn_failed`.
+inside the transaction that stores the turn's end (only for a turn that started: its caller's message is stored
+as running once the stages before generation have passed); then `turn_finished` or `turn_failed`.
 """
 
 from __future__ import annotations
@@ -54,22 +55,24 @@ class TurnObserver:
         """The stage is done; `stage.error` says why when it failed."""
 
     def persist(self, turn: TurnContext, session: Session) -> None:
-        """Inside the turn's one write transaction, after its last stage: add rows here and they are stored with
-        the turn's messages, or not at all. An exception here rolls the whole turn back."""
+        """Inside the transaction that stores the turn's end, after its last stage: add rows here and they are
+        stored with the bot's message, or not at all. An exception here rolls that transaction back; the turn is
+        then stored as failed (the caller's message, which was stored when the turn started, stays)."""
 
     def turn_finished(self, turn: TurnContext) -> None:
         """The turn succeeded and is stored; `turn.result` holds it."""
 
     def turn_failed(self, turn: TurnContext, error: str) -> None:
-        """The turn was refused or failed. `turn.result` is set when the failure was stored (a backend error, an
-        interrupted stream), None when nothing was (a refusal, or storing the turn itself failed)."""
+        """The turn was refused or failed. `turn.result` is set when its stream stored the failure (a backend error,
+        an interrupted stream); None when nothing was stored (a refusal), when the end was stored by someone else
+        (the conversation ended, the turn was reconciled), or when storing the end failed."""
 
 
 class ObserverList:
     """Hands each event to every observer in order.
 
     A notification that raises is logged and skipped: a broken metrics observer must not fail a call. `persist`
-    is the exception, since it writes in the turn's transaction: its failure fails the turn, stored nowhere.
+    is the exception, since it writes in the transaction that stores the turn's end: its failure fails the turn.
     """
 
     def __init__(self, observers: Iterable[TurnObserver]) -> None:
@@ -88,14 +91,15 @@ class ObserverList:
 
 
 class StoreObserver(TurnObserver):
-    """Writes the turn's `turn_metrics` row and one `turn_stages` row per stage that ran, in the turn's transaction.
+    """Writes the turn's `turn_metrics` row and one `turn_stages` row per stage that ran, in the transaction that
+    stores the turn's end (rows there are written once, whole: the analytics snapshot copies them as append-only).
 
     TTFT and total time are the generate stage's, measured from the start of generation: the figures a backend is
     compared on. The other stages' time is in their own rows.
     """
 
     def persist(self, turn: TurnContext, session: Session) -> None:
-        if turn.user_message_id is None:  # no stage stored the turn's messages: nothing to hang metrics on
+        if turn.user_message_id is None:  # the turn never started: nothing to hang metrics on
             return
         ok = turn.error is None
         usage = turn.usage if ok else None

@@ -3,15 +3,23 @@
 Every front end (CLI, Streamlit, API) goes through here, as an actor who must be allowed to chat. A turn runs as
 a list of stages (`turn.py`: validate, prompt, generate, persist), each timed by one clock; observers
 (`observers.py`) receive its events, and the store observer writes `turn_metrics` and `turn_stages`. A turn is
-validated before anything is stored, streamed token by token, and stored in one transaction: user message,
-assistant message, metrics and stage rows; a failed turn stores the user message and its metrics with the error.
+validated before anything is stored; the caller's message is then stored at once, marked running; the reply
+streams token by token, and the turn's end is stored in one transaction: assistant message, metrics and stage
+rows. A failed turn stores its metrics with the error; one that does not finish (the stream closed or dropped,
+the conversation ended, the process killed) is stored as interrupted.
+
+When the store is made honest about turns whose process died (`reconcile_turns`): whenever a service is built
+(every front end builds one as it starts: the CLI's commands, the app's process, the API) and whenever it opens
+a conversation, so a killed `callbot chat` is reconciled by the next thing that talks to a persona.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from callbot_core.access.permissions import Actor, require
@@ -26,7 +34,9 @@ from callbot_core.conversations.turn import (
     TurnStream,
     conversation_row,
     default_stages,
+    interrupt_running_turns,
     load_history,
+    reconcile_turns,
     start_turn,
 )
 from callbot_core.conversations.validation import clean_variables
@@ -44,7 +54,10 @@ __all__ = [
     "TurnResult",
     "TurnStream",
     "mark_ended",
+    "reconcile_turns",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +80,8 @@ class Summaries:
 
 
 def mark_ended(session: Session, conversation_id: int) -> bool:
-    """End a conversation that is still active: the one place that says what ending is (status and time).
+    """End a conversation that is still active: the one place that says what ending is (status and time, and a
+    reply still streaming stored as interrupted, with its caller's message).
 
     Returns False when it is gone or already ended. Summaries are separate (`ConversationService.summarise`):
     suite runs and simulated calls end without them.
@@ -77,6 +91,10 @@ def mark_ended(session: Session, conversation_id: int) -> bool:
         return False
     conversation.status = "ended"
     conversation.ended_at = utcnow()
+    # Written before the running turns are read, so the write lock (SQLite) or the row's lock (PostgreSQL) is held
+    # by then: a turn starting at this moment is either seen here or, reading the status after us, refused.
+    session.flush()
+    interrupt_running_turns(session, conversation_id)
     return True
 
 
@@ -98,6 +116,14 @@ class ConversationService:
         self._backends = backends or (lambda name: get_backend(name, self.settings))
         self.stages: list[Stage] = list(stages) if stages is not None else default_stages()
         self.observers: list[TurnObserver] = [StoreObserver(), *observers]
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Store as interrupted the turns whose process died (see the module docstring for when)."""
+        try:
+            reconcile_turns(self.store)
+        except SQLAlchemyError as exc:  # an unreachable or unmigrated store fails the first real call, clearly
+            log.warning("Could not reconcile running turns: %s", str(exc).splitlines()[0])
 
     def backend(self, name: str | None = None) -> LLMBackend:
         return self._backends(name)
@@ -138,6 +164,7 @@ class ConversationService:
         if channel not in CHANNELS:
             raise InvalidInput(f"Channel {channel!r} is not valid; channels: {', '.join(CHANNELS)}")
         given = clean_variables(variables)
+        self._reconcile()
         with self.store.session() as session:
             version = get_persona_version(session, persona)
             llm = self.backend(backend or version.backend)
@@ -182,8 +209,10 @@ class ConversationService:
         """Validate a user turn and prepare it; iterate the returned stream to run it.
 
         Everything that can be refused is refused here, before anything is stored: the actor's permission,
-        then the stages before generation (the message, the conversation's state, the prompt's size).
-        `params` replace the persona version's sampling for this turn.
+        then the stages before generation (the message, the conversation's state, the prompt's size). Then the
+        caller's message is stored, marked running. `params` replace the persona version's sampling for this turn.
+        Read the stream to the end, or close it (`with service.send(...) as turn:`) so a turn cut short is
+        stored as interrupted at once.
         """
         require(actor, "chat")
         turn = TurnContext(
@@ -203,7 +232,8 @@ class ConversationService:
         """End the conversation and store its short and full summaries.
 
         The conversation is ended even if the summariser fails (the call is over); the error is
-        raised so the caller can say so, and `summarise` can be run again later.
+        raised so the caller can say so, and `summarise` can be run again later. A reply still streaming is
+        stored as interrupted (`mark_ended`).
         """
         require(actor, "chat")  # ending and summarising change the conversation, as a turn does
         with self.store.session() as session:

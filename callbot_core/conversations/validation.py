@@ -9,6 +9,18 @@ from callbot_core.errors import InvalidInput
 
 # C0/C1 control characters other than tab and newline: invisible, and some break terminals and CSV.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# Lone surrogates: what a non-UTF-8 byte in argv becomes in Python (surrogateescape), or a JSON "\ud800" escape.
+# They are no text: they cannot be encoded for the store, the model or a terminal, so they are refused up front.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def require_text(value: str, what: str) -> str:
+    """`value` unchanged, or `InvalidInput` saying that `what` holds bytes that are not UTF-8."""
+    if _SURROGATE.search(value):
+        raise InvalidInput(
+            f"{what} is not valid text: it holds bytes that are not UTF-8 (check the terminal's encoding)"
+        )
+    return value
 
 
 def _normalise(text: str) -> str:
@@ -21,6 +33,7 @@ def clean_message(text: object, *, max_chars: int) -> str:
     """The user's message, normalised; raises `InvalidInput` naming what was wrong."""
     if not isinstance(text, str):
         raise InvalidInput(f"A message must be text, not {type(text).__name__}")
+    require_text(text, "The message")
     text = _normalise(text)
     if not text:
         raise InvalidInput("The message is empty: type something to say to the bot")
@@ -50,6 +63,7 @@ def clean_variables(variables: object) -> dict[str, str]:
             raise InvalidInput(f"Prompt variable name {name!r} is not valid: use letters, digits and _ (caller_name)")
         if not isinstance(value, str):
             raise InvalidInput(f"Prompt variable {name!r} must be text, not {type(value).__name__}")
+        require_text(value, f"Prompt variable {name!r}")
         value = _normalise(value)
         if len(value) > MAX_VARIABLE_CHARS:
             raise InvalidInput(

@@ -5,6 +5,8 @@ Each run records the process that runs it as "host:pid" (`worker_id()`). A proce
 `running` for ever and the Reports page would wait on it. `reap_stale` ends such runs with an error that
 says so: at once when the process was on this host and no longer exists; otherwise once the run is older
 than `max_age` (a process on another machine cannot be asked, and its pid may have been reused here).
+Conversation turns use the same rule (`why_dead`) for the turns a dead process left running
+(`callbot_core.conversations.turn.reconcile_turns`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sqlalchemy import select
 from callbot_core.store import Store
 from callbot_core.store.models import EvalRun, PipelineRun, ReportRun, utcnow
 
-__all__ = ["DEFAULT_MAX_AGE", "Reaped", "process_alive", "reap_stale", "worker_id"]
+__all__ = ["DEFAULT_MAX_AGE", "Reaped", "process_alive", "reap_stale", "why_dead", "worker_id"]
 
 # Longer than any run should take: a report's cells time out after 10 minutes each, a suite cell after
 # its turns' read timeouts.
@@ -53,10 +55,14 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _why_dead(worker: str | None, started_at: datetime, now: datetime, max_age: timedelta) -> str | None:
+def why_dead(
+    worker: str | None, started_at: datetime, now: datetime, max_age: timedelta, *, what: str = "run"
+) -> str | None:
+    """Why something recorded as running in process `worker` ("host:pid") since `started_at` is not: the error to
+    end it with, or None while it may still be going. Shared by runs and conversation turns (`what` names it)."""
     host, _, pid = (worker or "").rpartition(":")
     if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
-        return f"interrupted: its process ({worker}) ended before the run did"
+        return f"interrupted: its process ({worker}) ended before the {what} did"
     if now - started_at > max_age:
         hours = max_age.total_seconds() / 3600
         return f"interrupted: no end recorded {hours:g} h after it started (process {worker or 'unknown'})"
@@ -70,7 +76,7 @@ def reap_stale(store: Store, *, max_age: timedelta = DEFAULT_MAX_AGE, now: datet
     with store.session() as session:
         for model, status in _ENDED_AS.items():
             for row in session.scalars(select(model).where(model.status == "running")):
-                reason = _why_dead(row.worker, row.started_at, now, max_age)
+                reason = why_dead(row.worker, row.started_at, now, max_age)
                 if reason is None:
                     continue
                 row.status = status

@@ -199,7 +199,8 @@ class Message(Base):
 
 
 class TurnMetrics(Base):
-    """One row per turn. A failed turn has `error` set and no assistant message."""
+    """One row per turn, written once when the turn ends (`RunningTurn` marks it until then). A failed or interrupted
+    turn has `error` set and no assistant message."""
 
     __tablename__ = "turn_metrics"
 
@@ -222,6 +223,26 @@ class TurnMetrics(Base):
     trimmed_messages: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RunningTurn(Base):
+    """A turn whose caller's message is stored and whose end is not yet: the row goes when the end is written.
+
+    The caller's message is stored when the turn starts, with this row naming the process ("host:pid") that runs
+    it; the reply, `turn_metrics` and `turn_stages` are written when it ends, and this row is deleted in the same
+    transaction. A process killed mid-reply leaves its row behind, and `reconcile_turns` ends such turns as
+    interrupted. Kept apart from `turn_metrics` so that rows there are written once, whole: the analytics snapshot
+    copies them as append-only.
+    """
+
+    __tablename__ = "running_turns"
+
+    user_message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
+    backend: Mapped[str] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(200))
+    worker: Mapped[str] = mapped_column(String(160))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class TurnStage(Base):

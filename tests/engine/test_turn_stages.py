@@ -273,7 +273,7 @@ def test_a_refusal_stores_no_stage_rows_and_tells_the_observers(store, settings,
     assert backend.requests == []
 
 
-def test_a_failure_while_storing_stores_nothing_at_all(store, settings, backend) -> None:
+def test_a_failure_while_storing_the_end_keeps_the_caller_and_stores_the_failure(store, settings, backend) -> None:
     class Refuses(TurnObserver):
         def persist(self, turn, session) -> None:  # type: ignore[no-untyped-def]
             raise RuntimeError("disk full")
@@ -287,8 +287,11 @@ def test_a_failure_while_storing_stores_nothing_at_all(store, settings, backend)
     turn = service.send(info.id, "When do you open?", actor=LOCAL_OPERATOR)
     with pytest.raises(RuntimeError, match="disk full"):
         turn.text()
-    # The messages the persist stage added, the metrics and the stage rows: all rolled back together.
-    assert (_count(store, Message), _count(store, TurnMetrics), _count(store, TurnStage)) == (before, 0, 0)
+    # The bot message, the metrics and the stage rows of the end were rolled back together; the caller's message,
+    # stored when the turn started, stays, with a turn row saying what failed (no stage rows: their writer failed).
+    assert (_count(store, Message), _count(store, TurnStage)) == (before + 1, 0)
+    tm = _metrics(store, info.id)
+    assert tm.error == "RuntimeError: disk full" and tm.assistant_message_id is None
     assert turn.result is None and recorder.events[-1] == ("turn_failed", None)
 
 
