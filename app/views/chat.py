@@ -96,7 +96,10 @@ def _run_turn(text: str) -> None:
         return
     with st.chat_message("assistant"):
         try:
-            write_markdown_stream(turn)
+            # `with`: a reply cut short (a new message, Stop, a closed tab stop this script) is stored as
+            # interrupted at once, with the caller's message kept.
+            with turn:
+                write_markdown_stream(turn)
         except CallbotError as exc:
             st.session_state[RETRY] = text
             st.error(safe_markdown(f"The turn failed: {exc}"))

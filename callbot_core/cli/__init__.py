@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -9,6 +10,7 @@ import click
 
 from callbot_core.cli import analytics, chat, conversations, evals, personas, reports, simulate, store, users
 from callbot_core.cli._common import AS_USER_KEY
+from callbot_core.conversations.validation import NOT_UTF8
 from callbot_core.errors import CallbotError
 
 
@@ -45,10 +47,26 @@ for command in (
     cli.add_command(command)
 
 
+def _undecodable(args: Sequence[str]) -> str | None:
+    """The first argument holding bytes that are not UTF-8 (Python keeps them as lone surrogates), shown escaped."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(arg).decode("utf-8", "backslashreplace")  # the bytes as typed: \xff
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: engine errors become one clear line on stderr and exit status 1."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    bad = _undecodable(args)
+    if bad is not None:
+        # Every command would store, print or compare it and fail somewhere with a traceback: refuse it here.
+        click.secho(f'Error: argument "{bad}" {NOT_UTF8}', fg="red", err=True)
+        sys.exit(1)
     try:
-        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+        cli.main(args=args, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)

@@ -80,12 +80,9 @@ def chat(
     In the REPL, /end ends the conversation and prints its summaries; /quit leaves it open.
     """
     from callbot_core.conversations.service import ConversationService
-    from callbot_core.conversations.validation import clean_message, require_text
+    from callbot_core.conversations.validation import clean_message
     from callbot_core.settings import get_settings
 
-    for option, value in (("--persona", persona), ("--backend", backend), ("--model", model)):
-        if value is not None:  # a non-UTF-8 byte in argv arrives as a lone surrogate, which no store can take
-            require_text(value, option)
     if message is not None:
         # Refuse a bad --message before the conversation is opened, so a refusal leaves nothing stored.
         clean_message(message, max_chars=get_settings().max_message_chars)

@@ -27,6 +27,11 @@ def db_upgrade() -> None:
     store = open_checked_store(migrated=False)
     store.upgrade()
     click.echo(f"Store at {store.engine.url.render_as_string(hide_password=True)} is up to date.")
+    from callbot_core.conversations.service import reconcile_turns
+
+    # A deploy runs this first: turns cut short by the process it replaced are stored as interrupted now.
+    if ended := reconcile_turns(store):
+        click.echo(f"{len(ended)} turn(s) whose process had died stored as interrupted.")
 
 
 # -- the browser app ---------------------------------------------------------------------------

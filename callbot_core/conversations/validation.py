@@ -12,14 +12,13 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # Lone surrogates: what a non-UTF-8 byte in argv becomes in Python (surrogateescape), or a JSON "\ud800" escape.
 # They are no text: they cannot be encoded for the store, the model or a terminal, so they are refused up front.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+NOT_UTF8 = "is not valid text: it holds bytes that are not UTF-8 (check the terminal's encoding)"
 
 
 def require_text(value: str, what: str) -> str:
     """`value` unchanged, or `InvalidInput` saying that `what` holds bytes that are not UTF-8."""
     if _SURROGATE.search(value):
-        raise InvalidInput(
-            f"{what} is not valid text: it holds bytes that are not UTF-8 (check the terminal's encoding)"
-        )
+        raise InvalidInput(f"{what} {NOT_UTF8}")
     return value
 
 

@@ -241,10 +241,16 @@ def test_text_that_is_not_unicode_is_refused_in_one_line(service, store, bad: st
 def test_callbot_chat_with_a_non_utf8_message_says_so_in_one_line(run) -> None:
     run("db", "upgrade")
     hint = "is not valid text: it holds bytes that are not UTF-8 (check the terminal's encoding)"
-    for argv, what in [(["--message", "\udcff"], "The message"), (["--persona", "\udcff", "-m", "hi"], "--persona")]:
-        proc = run("chat", *argv, ok=False)  # subprocess hands "\udcff" to argv as the byte 0xff
+    # subprocess hands "\udcff" to argv as the byte 0xff; any command refuses it before it starts
+    cases = [
+        (["chat", "--message", "\udcff"], "\\xff"),
+        (["chat", "--persona", "caf\udce9", "-m", "hi"], "caf\\xe9"),
+        (["sql", "select '\udcff'"], "select '\\xff'"),
+    ]
+    for argv, shown in cases:
+        proc = run(*argv, ok=False)
         assert proc.returncode == 1
-        assert proc.stderr.splitlines() == [f"Error: {what} {hint}"]
+        assert proc.stderr.splitlines() == [f'Error: argument "{shown}" {hint}']
         assert "Conversation" not in proc.stdout  # refused before a conversation was opened
 
 
@@ -298,7 +304,10 @@ def test_a_callbot_chat_killed_mid_reply_keeps_the_callers_message(store, store_
     assert _turns(store, cid) == [(question, None, None)]  # nobody wrote the turn's end
     assert _running(store) == [(question, worker)]
 
-    ConversationService(store, settings)  # the next front end to start reconciles it
+    # A deploy's `callbot db upgrade` (as any front end that starts) reconciles it.
+    upgrade = subprocess.run([CALLBOT, "db", "upgrade"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert "1 turn(s) whose process had died stored as interrupted." in upgrade.stdout
     assert _turns(store, cid) == [(question, None, f"interrupted: its process ({worker}) ended before the turn did")]
     assert _running(store) == []
 
