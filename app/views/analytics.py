@@ -6,9 +6,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app.common import FAILED, allowed, analytics, client_addr, current_user, run_action, store
+from app.common import FAILED, allowed, analytics, client_addr, current_user, run_action, safe_markdown, store
 from callbot_core.analytics import VIEW_DOCS
 from callbot_core.analytics.charts import table_bytes
+from callbot_core.analytics.guard import MAX_SQL_CHARS
 from callbot_core.analytics.saved import delete_query, list_queries, save_query
 
 SQL = "analytics_sql"
@@ -36,7 +37,7 @@ with right:
     )  # fmt: skip
     if picked is not None:
         chosen = queries[picked]
-        st.caption(chosen.description or "")
+        st.caption(safe_markdown(chosen.description or ""))
         if st.button("Load into the editor", key="analytics_load"):
             st.session_state[SQL] = chosen.sql
             st.rerun()
@@ -55,7 +56,7 @@ with right:
 
 with left:
     st.session_state.setdefault(SQL, queries[0].sql if queries else "select * from turns limit 10")
-    sql = st.text_area("SQL", key=SQL, height=160)
+    sql = st.text_area("SQL", key=SQL, height=160, max_chars=MAX_SQL_CHARS)
     c1, c2, c3 = st.columns([1, 1, 2])
     max_rows = c2.number_input("Rows shown", min_value=10, max_value=10_000, value=1000, step=100, key="analytics_rows")
     if c1.button("Run", type="primary", key="analytics_run"):
@@ -75,7 +76,7 @@ with left:
                 save_query, store(), name, sql, actor=user, description=description, shared=shared, overwrite=overwrite
             )
             if saved is not FAILED:
-                st.toast(f"Saved {saved.name!r}")
+                st.toast(f"Saved {safe_markdown(repr(saved.name))}")
 
 result = st.session_state.get(RESULT)
 if result is not None:

@@ -5,7 +5,7 @@ may do, `views.py` for the documented views and `dashboard.py` for the dashboard
 """
 
 from callbot_core.analytics.dashboard import DASHBOARD_QUERIES, DashboardFilters, dashboard_data
-from callbot_core.analytics.engine import Analytics, QueryResult, QueryTimeout, RefreshStats
+from callbot_core.analytics.engine import Analytics, QueryResult, QueryTimeout, RefreshStats, ResultTooLarge
 from callbot_core.analytics.guard import ForbiddenSQL, check_sql
 from callbot_core.analytics.views import VIEW_DOCS, ViewDoc
 
@@ -18,6 +18,7 @@ __all__ = [
     "QueryResult",
     "QueryTimeout",
     "RefreshStats",
+    "ResultTooLarge",
     "ViewDoc",
     "check_sql",
     "dashboard_data",

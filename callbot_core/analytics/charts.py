@@ -14,6 +14,8 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from callbot_core.csv_safety import safe_csv_cell
+
 EMPTY_NOTE = "No data for these filters"
 
 
@@ -159,9 +161,15 @@ def dashboard_table(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def table_bytes(df: pd.DataFrame, fmt: str) -> bytes:
-    """CSV or Parquet bytes of a frame (Parquet written by DuckDB, so no pyarrow is needed)."""
+    """CSV or Parquet bytes of a frame (Parquet written by DuckDB, so no pyarrow is needed).
+
+    CSV is for spreadsheets, so text cells that would run as formulas are neutralised (csv_safety); numbers
+    and typed Parquet data are left as they are. Lines end in CRLF (RFC 4180): only then does pandas quote a
+    cell holding a bare carriage return, which a spreadsheet would otherwise split into a new row whose first
+    cell no longer starts with the neutralising quote.
+    """
     if fmt == "csv":
-        return df.to_csv(index=False).encode("utf-8")
+        return spreadsheet_safe(df).to_csv(index=False, lineterminator="\r\n").encode("utf-8")
     if fmt == "parquet":
         import os
         import tempfile
@@ -179,6 +187,20 @@ def table_bytes(df: pd.DataFrame, fmt: str) -> bytes:
             with open(path, "rb") as fh:
                 return fh.read()
     raise ValueError(f"unknown table format {fmt!r}; use csv or parquet")
+
+
+def spreadsheet_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of `df` whose text cells go through `safe_csv_cell`; numeric columns are not touched."""
+    out = df.copy()
+    for name in out.columns:
+        column = out[name]
+        if (
+            column.dtype == object
+            or pd.api.types.is_string_dtype(column.dtype)
+            or isinstance(column.dtype, pd.CategoricalDtype)
+        ):
+            out[name] = column.map(safe_csv_cell)
+    return out
 
 
 def figure_to_html_bytes(fig: go.Figure) -> bytes:

@@ -34,26 +34,37 @@ with different settings (read-write against read-only) within one process.
 
 User SQL runs on a connection opened read-only with external access disabled and its configuration
 locked, after `check_sql` (guard.py) has accepted it: a statement the guard missed still cannot write,
-read files or reach the network. Every user query is written to the audit log.
+read files or reach the network. It runs in a worker process of its own (worker.py), whose address space is
+capped: DuckDB's memory_limit does not cover the strings an expression builds, so one query could otherwise
+take the app's whole process down. Its result is capped in bytes as well as rows. Every user query is written
+to the audit log, with any password in it or in its error masked (store/redaction.py).
+
+The snapshot is a cache: one DuckDB cannot read (garbage, a torn or truncated file, another version's) is
+removed and built again from the store, once, by whichever call finds it so; the call then goes on.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pandas as pd
@@ -63,13 +74,23 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from callbot_core.access import audit
 from callbot_core.access.permissions import Actor, require
-from callbot_core.analytics.guard import ForbiddenSQL, check_sql
+from callbot_core.analytics.guard import MAX_SQL_CHARS, ForbiddenSQL, check_sql
 from callbot_core.analytics.views import MACROS, SNAPSHOT_FORMAT, TABLES, VIEWS
+from callbot_core.csv_safety import FORMULA_PREFIXES, QUOTE
 from callbot_core.errors import CallbotError, ConfigError, InvalidInput
 from callbot_core.settings import Settings, get_settings
 from callbot_core.store import Store, open_store
+from callbot_core.store.redaction import redact_url, scrub, url_password
 
-__all__ = ["Analytics", "QueryResult", "QueryTimeout", "RefreshStats", "scanner_extension_path", "libpq_conninfo"]
+__all__ = [
+    "Analytics",
+    "QueryResult",
+    "QueryTimeout",
+    "RefreshStats",
+    "ResultTooLarge",
+    "scanner_extension_path",
+    "libpq_conninfo",
+]
 
 SNAPSHOT_NAME = "analytics.duckdb"
 SOURCE = "src"  # the attached store's catalog name inside the refresh connection
@@ -96,8 +117,26 @@ NATIVE_MAX_ROWS = 50_000
 LOCK_WAIT_S = 120.0
 # How often a refresh also compares the summaries' lengths (see `Analytics._probe`).
 FULL_CHECK_S = 60.0
-READER_MEMORY_LIMIT = "2GB"
+# DuckDB's own limits: its buffer manager spills to the temp directory beyond `memory_limit`, and the temp
+# directory (DuckDB's default: 90% of the free disk) is capped so one query cannot fill the disk.
+READER_MEMORY_LIMIT = "1GB"
+WRITER_MEMORY_LIMIT = "2GB"  # a first copy of a million messages needs ~1 GB (see `_Sync.commit_piece`)
+TEMP_DIRECTORY_LIMIT = "4GB"
+# What a user query's worker process may grow by, all allocations counted (see worker.py); above DuckDB's
+# memory_limit, so DuckDB spills first and only what it cannot account for meets this wall.
+QUERY_MEMORY_BYTES = 2 * 2**30
+# The SQL console's result, as Python holds it: what the app keeps per user and turns into a table and downloads.
+MAX_RESULT_BYTES = 50 * 2**20
+# How much of a refused over-long query the audit log keeps (with its length).
+AUDIT_SQL_PREVIEW = 1000
+# A worker that ignores its own timeout (stuck outside DuckDB's interrupt checks) is killed this much later.
+WORKER_GRACE_S = 10.0
+WORKER = Path(__file__).with_name("worker.py")
 EXPORT_FORMATS = ("csv", "json", "parquet")
+# DuckDB errors that mean the snapshot file itself is unreadable (and a rebuild helps), when they name it.
+_DAMAGE_TYPES = ("IOException", "SerializationException")
+
+T = TypeVar("T")
 
 _EXTENSION_PACKAGES = {"sqlite": "duckdb_extension_sqlite_scanner", "postgres": "duckdb_extension_postgres_scanner"}
 _path_locks: dict[str, _ReadWriteLock] = {}
@@ -150,6 +189,14 @@ class _ReadWriteLock:
 
 class QueryTimeout(InvalidInput):
     """A user query ran longer than its timeout and was interrupted."""
+
+
+class ResultTooLarge(InvalidInput):
+    """A user query's result (or the memory it needed) went over the SQL console's limit."""
+
+
+class _SnapshotDamaged(Exception):
+    """DuckDB cannot read the snapshot file: caught by `Analytics._attempt`, which rebuilds it once."""
 
 
 @dataclass(slots=True)
@@ -270,6 +317,8 @@ class Analytics:
         # The snapshot is tied to one store: a different URL (password left out) means a rebuild.
         shown = make_url(store.url).render_as_string(hide_password=True)
         self._source_id = hashlib.sha256(shown.encode()).hexdigest()[:16]
+        # Masked in every message and audit row, also where a driver quotes it on its own (see `_say`).
+        self._password = url_password(store.url)
         self._closed = False
 
     @classmethod
@@ -288,7 +337,8 @@ class Analytics:
         if snapshot_path is None:
             name = SNAPSHOT_NAME
             if url != configured:
-                name = f"analytics-{hashlib.sha256(url.encode()).hexdigest()[:10]}.duckdb"
+                # Named after the URL without its password: a short hash of a secret is one to brute-force.
+                name = f"analytics-{hashlib.sha256(redact_url(url).encode()).hexdigest()[:10]}.duckdb"
             snapshot_path = settings.resolved_runtime_dir() / name
         return cls(store, snapshot_path)
 
@@ -331,41 +381,97 @@ class Analytics:
                     ) from None
                 time.sleep(0.02)
 
-    @contextlib.contextmanager
-    def _reading(self, refresh: bool) -> Iterator[tuple[duckdb.DuckDBPyConnection, RefreshStats | None]]:
-        """Bring the snapshot up to date (if asked, or if there is none yet), then open it for reading."""
-        stats = self.refresh() if refresh or not self.snapshot_path.exists() else None
-        with self._locked(exclusive=False):
-            conn = self._connect_reader()
+    def _attempt(self, work: Callable[[RefreshStats | None], T], *, refresh: bool) -> T:
+        """`work` under the shared lock, on a snapshot brought up to date (if asked, or if there is none yet).
+
+        `work` raises `_SnapshotDamaged` when DuckDB cannot read the snapshot: it is then rebuilt from the
+        store, and `work` runs once more.
+        """
+        for attempt in (1, 2):
+            stats = self.refresh() if refresh or not self.snapshot_path.exists() else None
+            stamp = None
             try:
-                yield conn, stats
-            finally:
-                conn.close()
+                with self._locked(exclusive=False):
+                    stamp = _stamp(self.snapshot_path)
+                    return work(stats)
+            except _SnapshotDamaged as exc:
+                if attempt == 2:
+                    raise CallbotError(
+                        f"The analytics snapshot {self.snapshot_path} cannot be read even after a rebuild: {exc}"
+                    ) from exc
+                self._rebuild(stamp)
+        raise AssertionError("unreachable")
+
+    def _rebuild(self, stamp: tuple[int, int, int] | None) -> None:
+        """Build the snapshot again, unless another thread or process already did since `stamp`."""
+        with self._locked(exclusive=True):
+            if _stamp(self.snapshot_path) == stamp:
+                self._remove_snapshot()
+                self._refresh_locked()
+
+    def _damaged(self, type_name: str, message: str) -> bool:
+        """A DuckDB error that says the snapshot file is unreadable (not a lock held elsewhere, not a bad query)."""
+        if type_name not in _DAMAGE_TYPES or "lock" in message.lower():
+            return False
+        return self.snapshot_path.name in message or any(w in message.lower() for w in ("corrupt", "checksum"))
+
+    def _raise_if_damaged(self, exc: duckdb.Error) -> None:
+        if self._damaged(type(exc).__name__, str(exc)):
+            raise _SnapshotDamaged(self._say(exc)) from exc
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection to the snapshot in this process, for trusted queries (dashboards, reports)."""
+        try:
+            conn = self._connect_reader()
+        except duckdb.Error as exc:
+            self._raise_if_damaged(exc)
+            raise CallbotError(f"The analytics snapshot could not be opened: {self._say(exc)}") from exc
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _say(self, exc: BaseException) -> str:
+        """An error's first line, fit to show: the store's password and any URL's password masked."""
+        return scrub(_error_line(exc), self._password)
 
     # -- connections ----------------------------------------------------------------------------------
 
     def _connect_writer(self) -> duckdb.DuckDBPyConnection:
-        config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+        config = {
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "memory_limit": WRITER_MEMORY_LIMIT,
+            "max_temp_directory_size": TEMP_DIRECTORY_LIMIT,
+        }
         conn = duckdb.connect(str(self.snapshot_path), config=config)
         # PostgreSQL timestamptz values are cast to the snapshot's zone-less UTC timestamps in this zone.
         conn.execute("SET TimeZone = 'UTC'")
         return conn
 
-    def _connect_reader(self) -> duckdb.DuckDBPyConnection:
-        config = {
+    @staticmethod
+    def _reader_config() -> dict[str, Any]:
+        return {
             "autoinstall_known_extensions": False,
             "autoload_known_extensions": False,
             "memory_limit": READER_MEMORY_LIMIT,
+            "max_temp_directory_size": TEMP_DIRECTORY_LIMIT,
             # Defence in depth behind the guard: no files, no network, no ATTACH/INSTALL/LOAD.
             "enable_external_access": False,
         }
+
+    # Run on a fresh reader; the last one also forbids SET from here on.
+    _READER_SETUP = ("SET TimeZone = 'UTC'", "SET lock_configuration = true")
+
+    def _connect_reader(self) -> duckdb.DuckDBPyConnection:
         with self._rw.connecting:
-            conn = duckdb.connect(str(self.snapshot_path), read_only=True, config=config)
+            conn = duckdb.connect(str(self.snapshot_path), read_only=True, config=self._reader_config())
             try:
                 # Readers in one process share one DuckDB instance: the first configures and locks it.
                 if not conn.execute("SELECT current_setting('lock_configuration')").fetchone()[0]:
-                    conn.execute("SET TimeZone = 'UTC'")
-                    conn.execute("SET lock_configuration = true")  # and from here on, no SET either
+                    for statement in self._READER_SETUP:
+                        conn.execute(statement)
             except BaseException:
                 conn.close()
                 raise
@@ -394,11 +500,10 @@ class Analytics:
         try:
             migrated = self.store.is_migrated()
         except SQLAlchemyError as exc:
-            raise ConfigError(f"Analytics could not read the store: {_error_line(exc)}") from exc
+            raise ConfigError(f"Analytics could not read the store: {self._say(exc)}") from exc
         if not migrated:
             raise ConfigError(
-                f"The store at {make_url(self.store.url).render_as_string(hide_password=True)} has no tables "
-                "yet: run `callbot db upgrade` first"
+                f"The store at {redact_url(self.store.url)} has no tables yet: run `callbot db upgrade` first"
             )
         sidecar = self._read_sidecar() if self.snapshot_path.exists() else None
         if sidecar is None:
@@ -429,18 +534,28 @@ class Analytics:
         # which also covers another thread or process having refreshed while we waited for the lock.
         with contextlib.suppress(FileNotFoundError):
             self._state_path.unlink()
-        sync = _Sync(self)
-        try:
-            stats, state = sync.run()
-        except (SQLAlchemyError, sqlite3.Error) as exc:
-            raise ConfigError(f"Analytics could not read the store: {_error_line(exc)}") from exc
-        finally:
-            sync.conn.close()
+        for attempt in (1, 2):
+            sync = _Sync(self)
+            try:
+                stats, state = sync.run()
+                break
+            except (SQLAlchemyError, sqlite3.Error) as exc:
+                raise ConfigError(f"Analytics could not read the store: {self._say(exc)}") from exc
+            except duckdb.Error as exc:
+                # A snapshot that opened but has unreadable blocks (a truncated file): start from nothing.
+                if attempt == 1 and self._damaged(type(exc).__name__, str(exc)):
+                    sync.conn.close()
+                    self._remove_snapshot()
+                    continue
+                raise CallbotError(f"Analytics could not refresh its snapshot: {self._say(exc)}") from exc
+            finally:
+                sync.conn.close()
         self._write_sidecar(state | {"full_checked_at": time.time()})
         return stats
 
     def _remove_snapshot(self) -> None:
-        for path in (self.snapshot_path, self.snapshot_path.with_name(self.snapshot_path.name + ".wal")):
+        name = self.snapshot_path.name
+        for path in (self.snapshot_path, self.snapshot_path.with_name(name + ".wal"), self._state_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -481,7 +596,7 @@ class Analytics:
                     for name in SMALL_TABLES
                 }
         except SQLAlchemyError as exc:
-            raise ConfigError(f"Analytics could not read the store: {_error_line(exc)}") from exc
+            raise ConfigError(f"Analytics could not read the store: {self._say(exc)}") from exc
         probe: dict[str, Any] = {
             "conversations": [row[0] and int(row[0]), _naive_utc(row[1]), *conv[:6]],
             "messages": [row[2] and int(row[2]), int(row[3])],
@@ -501,37 +616,41 @@ class Analytics:
         sql: str,
         *,
         max_rows: int = 1000,
+        max_bytes: int = MAX_RESULT_BYTES,
         timeout_s: float = 30.0,
         actor: Actor,
         client_addr: str | None = None,
     ) -> QueryResult:
-        """Run one user query (guarded) on a fresh snapshot as `actor`; the first `max_rows` rows are kept."""
+        """Run one user query (guarded) on a fresh snapshot as `actor`; the first `max_rows` rows are kept.
+
+        A result over `max_bytes` (as Python holds it) is refused with `ResultTooLarge` rather than cut, since
+        a cut by size would hide rows in a way the row count does not say.
+        """
         require(actor, "sql.run")
         who = actor.username
         if max_rows < 0:
             raise InvalidInput("max_rows must be zero or more")
+        if max_bytes <= 0:
+            raise InvalidInput("max_bytes must be more than zero")
         if timeout_s <= 0:
             raise InvalidInput("timeout_s must be more than zero")
         cleaned = self._checked(sql, actor=who, client_addr=client_addr)
-        detail: dict[str, Any] = {"sql": sql, "max_rows": max_rows}
+        detail: dict[str, Any] = {"sql": self._audit_sql(sql), "max_rows": max_rows}
         start = time.perf_counter()
+        request = {"mode": "rows", "sql": cleaned, "max_rows": max_rows, "max_bytes": max_bytes}
+
+        def work(stats: RefreshStats | None) -> tuple[list[str], list[tuple], dict[str, Any]]:
+            nonlocal start
+            detail["refresh_ms"] = round(stats.elapsed_ms, 1) if stats else None
+            start = time.perf_counter()
+            return self._in_worker(request, timeout_s=timeout_s, max_bytes=max_bytes)
+
         try:
-            with self._reading(refresh=True) as (conn, stats):
-                detail["refresh_ms"] = round(stats.elapsed_ms, 1) if stats else None
-                start = time.perf_counter()
-                with _timeout(conn, timeout_s):
-                    try:
-                        cursor = conn.execute(cleaned)
-                        columns = [d[0] for d in cursor.description or []]
-                        rows = cursor.fetchmany(max_rows + 1) if cursor.description else []
-                    except duckdb.InterruptException as exc:
-                        raise QueryTimeout(f"The query timed out after {_fmt_s(timeout_s)} s") from exc
-                    except duckdb.Error as exc:
-                        raise InvalidInput(f"The query failed: {_error_line(exc)}") from exc
+            columns, rows, _end = self._attempt(work, refresh=True)
         except CallbotError as exc:
             detail |= {"status": "timeout" if isinstance(exc, QueryTimeout) else "failed", "error": str(exc)}
             detail["elapsed_ms"] = round(_ms(start), 1)
-            audit.log(self.store, "sql.query", actor=who, target="analytics", detail=detail, client_addr=client_addr)
+            self._audit_failure("sql.query", detail, actor=who, client_addr=client_addr)
             raise
         truncated = len(rows) > max_rows
         rows = rows[:max_rows]
@@ -545,19 +664,95 @@ class Analytics:
             return check_sql(sql)
         except InvalidInput as exc:  # refused or unparsable: recorded either way
             action = "sql.refused" if isinstance(exc, ForbiddenSQL) else "sql.query"
-            detail = {"sql": sql, "error": str(exc)}
+            detail = {"sql": self._audit_sql(sql), "error": scrub(str(exc), self._password)}
+            if len(sql) > MAX_SQL_CHARS:
+                detail["sql_chars"] = len(sql)
             if action == "sql.query":
                 detail["status"] = "failed"
-            audit.log(self.store, action, actor=actor, target="analytics", detail=detail, client_addr=client_addr)
+            self._audit_failure(action, detail, actor=actor, client_addr=client_addr)
             raise
+
+    def _audit_sql(self, sql: str) -> str:
+        """The query as the audit log keeps it: passwords masked, and only the start of one over the length limit
+        (it was refused, so the start says enough; the log should not grow by megabytes per attempt)."""
+        if len(sql) > MAX_SQL_CHARS:
+            sql = sql[:AUDIT_SQL_PREVIEW] + " …"
+        return scrub(sql, self._password)
+
+    def _audit_failure(
+        self, action: str, detail: dict[str, Any], *, actor: str | None, client_addr: str | None
+    ) -> None:
+        # A store that cannot be reached cannot record the failure either: the caller raises the failure itself
+        # (which says the store is unreachable), not the audit's own error about the same thing.
+        with contextlib.suppress(SQLAlchemyError):
+            audit.log(self.store, action, actor=actor, target="analytics", detail=detail, client_addr=client_addr)
+
+    def _in_worker(
+        self, request: dict[str, Any], *, timeout_s: float, max_bytes: int = 0
+    ) -> tuple[list[str], list[tuple], dict[str, Any]]:
+        """Run a guarded query in a worker process (worker.py) on the snapshot; the caller holds the shared lock.
+
+        Returns the columns, the rows and the worker's last message's payload. Raises `_SnapshotDamaged` when
+        the worker could not read the snapshot.
+        """
+        request = request | {
+            "snapshot": str(self.snapshot_path),
+            "config": self._reader_config(),
+            "setup": list(self._READER_SETUP),
+            "timeout_s": timeout_s,
+            "address_space": QUERY_MEMORY_BYTES,
+        }
+        worker = _Worker.take()
+        try:
+            columns, rows, end = worker.run(request, deadline_s=timeout_s + WORKER_GRACE_S)
+        finally:
+            worker.close()
+            _Worker.prepare_spare()
+        kind, payload = end
+        if kind in ("done", "written"):
+            return columns, rows, payload
+        if kind == "error":
+            kind = payload["kind"]
+        raise self._worker_error(kind, payload, timeout_s=timeout_s, max_bytes=max_bytes)
+
+    def _worker_error(self, kind: str, payload: dict[str, Any], *, timeout_s: float, max_bytes: int) -> Exception:
+        message = scrub(str(payload.get("message", "")), self._password)
+        if kind in ("timeout", "killed"):
+            return QueryTimeout(f"The query timed out after {_fmt_s(timeout_s)} s")
+        if kind == "too_big":
+            return ResultTooLarge(
+                f"The result is over the SQL console's limit of {_mb(max_bytes)}: add a LIMIT, select fewer or "
+                "shorter columns, or write it to a file with `callbot sql … --out FILE`"
+            )
+        out_of_memory = kind == "died" and (
+            payload.get("returncode") in (-6, -9)  # an allocation failed outside DuckDB's checks; the OOM killer
+            or any(word in message for word in ("MemoryError", "bad_alloc"))
+        )
+        if kind == "memory" or out_of_memory:
+            return ResultTooLarge(
+                f"The query ran out of memory: a query may use {_mb(QUERY_MEMORY_BYTES)} at most; add a LIMIT, "
+                "aggregate, or build shorter values"
+            )
+        if kind == "failed" and self._damaged(str(payload.get("type", "")), str(payload.get("message", ""))):
+            return _SnapshotDamaged(message)
+        if kind == "write":
+            return CallbotError(f"Could not write the export: {message}")
+        if kind == "died":
+            return CallbotError(f"The query's worker process stopped (exit status {payload['returncode']}): {message}")
+        return InvalidInput(f"The query failed: {message}")
 
     def df(self, sql: str, params: list | dict | None = None, *, refresh: bool = True) -> pd.DataFrame:
         """Trusted internal SQL (dashboards, reports) as a DataFrame; `params` positional (`?`) or named (`$x`)."""
-        with self._reading(refresh=refresh) as (conn, _stats):
-            try:
-                return conn.execute(sql, params).df() if params is not None else conn.execute(sql).df()
-            except duckdb.Error as exc:
-                raise CallbotError(f"Analytics query failed: {_error_line(exc)}") from exc
+
+        def work(_stats: RefreshStats | None) -> pd.DataFrame:
+            with self._reader() as conn:
+                try:
+                    return conn.execute(sql, params).df() if params is not None else conn.execute(sql).df()
+                except duckdb.Error as exc:
+                    self._raise_if_damaged(exc)
+                    raise CallbotError(f"Analytics query failed: {self._say(exc)}") from exc
+
+        return self._attempt(work, refresh=refresh)
 
     def frames(
         self,
@@ -573,20 +768,25 @@ class Analytics:
         query's milliseconds (and `refresh` for the refresh).
         """
         params = params or {}
-        out: dict[str, pd.DataFrame] = {}
-        with self._reading(refresh=refresh) as (conn, stats):
+
+        def work(stats: RefreshStats | None) -> dict[str, pd.DataFrame]:
+            out: dict[str, pd.DataFrame] = {}
             if timings is not None:
                 timings["refresh"] = stats.elapsed_ms if stats else 0.0
-            for name, sql in queries.items():
-                used = {k: v for k, v in params.items() if f"${k}" in sql}
-                start = time.perf_counter()
-                try:
-                    out[name] = conn.execute(sql, used).df() if used else conn.execute(sql).df()
-                except duckdb.Error as exc:
-                    raise CallbotError(f"Analytics query {name!r} failed: {_error_line(exc)}") from exc
-                if timings is not None:
-                    timings[name] = _ms(start)
-        return out
+            with self._reader() as conn:
+                for name, sql in queries.items():
+                    used = {k: v for k, v in params.items() if f"${k}" in sql}
+                    start = time.perf_counter()
+                    try:
+                        out[name] = conn.execute(sql, used).df() if used else conn.execute(sql).df()
+                    except duckdb.Error as exc:
+                        self._raise_if_damaged(exc)
+                        raise CallbotError(f"Analytics query {name!r} failed: {self._say(exc)}") from exc
+                    if timings is not None:
+                        timings[name] = _ms(start)
+            return out
+
+        return self._attempt(work, refresh=refresh)
 
     def export(
         self,
@@ -600,7 +800,8 @@ class Analytics:
     ) -> int:
         """Write the whole result of one user query (guarded) to `path` as csv, json or parquet; returns rows.
 
-        The file appears complete or not at all: it is written beside `path` and renamed into place.
+        The file appears complete or not at all: it is written beside `path` and renamed into place. CSV text
+        cells a spreadsheet would run as formulas are neutralised (callbot_core/csv_safety.py).
         """
         require(actor, "sql.run")
         who = actor.username
@@ -609,22 +810,33 @@ class Analytics:
             raise InvalidInput(f"Unknown export format {fmt!r}: use {', '.join(EXPORT_FORMATS)}")
         cleaned = self._checked(sql, actor=who, client_addr=client_addr)
         path = Path(path)
-        detail: dict[str, Any] = {"sql": sql, "format": fmt, "path": str(path)}
+        detail: dict[str, Any] = {"sql": self._audit_sql(sql), "format": fmt, "path": str(path)}
         start = time.perf_counter()
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        request = {
+            "mode": "file", "sql": cleaned, "fmt": fmt, "out": str(tmp),
+            "writer_config": {"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                              "memory_limit": READER_MEMORY_LIMIT, "max_temp_directory_size": TEMP_DIRECTORY_LIMIT},
+            "csv_formula_prefixes": list(FORMULA_PREFIXES), "csv_quote": QUOTE,
+        }  # fmt: skip
         try:
-            with self._reading(refresh=True) as (conn, _stats), _timeout(conn, timeout_s):
-                try:
-                    table = conn.execute(cleaned).to_arrow_table()
-                except duckdb.InterruptException as exc:
-                    raise QueryTimeout(f"The query timed out after {_fmt_s(timeout_s)} s") from exc
-                except duckdb.Error as exc:
-                    raise InvalidInput(f"The query failed: {_error_line(exc)}") from exc
-            rows = _write_table(table, fmt, path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _columns, _rows, written = self._attempt(
+                    lambda _stats: self._in_worker(request, timeout_s=timeout_s), refresh=True
+                )
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise CallbotError(f"Could not write {path}: {_error_line(exc)}") from exc
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
         except CallbotError as exc:
             status = "timeout" if isinstance(exc, QueryTimeout) else "failed"
             detail |= {"status": status, "error": str(exc), "elapsed_ms": round(_ms(start), 1)}
-            audit.log(self.store, "sql.export", actor=who, target="analytics", detail=detail, client_addr=client_addr)
+            self._audit_failure("sql.export", detail, actor=who, client_addr=client_addr)
             raise
+        rows = int(written["rows"])
         detail |= {"status": "ok", "rows": rows, "elapsed_ms": round(_ms(start), 1)}
         audit.log(self.store, "sql.export", actor=who, target="analytics", detail=detail, client_addr=client_addr)
         return rows
@@ -649,35 +861,118 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds:g}"
 
 
-@contextlib.contextmanager
-def _timeout(conn: duckdb.DuckDBPyConnection, seconds: float) -> Iterator[None]:
-    """Interrupt the connection's running query after `seconds` (DuckDB checks between vectors)."""
-    timer = threading.Timer(seconds, conn.interrupt)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
+def _mb(n: int) -> str:
+    return f"{n / 2**30:g} GB" if n >= 2**30 else f"{n / 2**20:g} MB"
 
 
-def _write_table(table: Any, fmt: str, path: Path) -> int:
-    """Write an Arrow table with an in-memory DuckDB (the query's own connection may not touch files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    options = {"csv": "FORMAT csv, HEADER true", "json": "FORMAT json, ARRAY true", "parquet": "FORMAT parquet"}[fmt]
-    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """Which file the snapshot is: a rebuild replaces it, so a changed stamp means someone rebuilt it already."""
     try:
-        con.register("result", table)
-        con.execute(f"COPY (SELECT * FROM result) TO {_quote(str(tmp))} ({options})")
-        os.replace(tmp, path)
-    except (duckdb.Error, OSError) as exc:
-        raise CallbotError(f"Could not write {path}: {_error_line(exc)}") from exc
-    finally:
-        con.close()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return int(table.num_rows)
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _Worker:
+    """A worker process (worker.py) for one user query.
+
+    Starting one costs ~0.2 s, nearly all of it importing DuckDB, so one spare is kept started: it imports
+    DuckDB and then waits for its request on stdin, holding no file and no lock. A spare whose parent exits
+    reads end-of-file and exits too.
+    """
+
+    _spare: _Worker | None = None
+    _spare_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close(), it outlives this call
+        # -P: the script's folder (this package) must not shadow top-level modules in the worker.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-P", str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr
+        )
+
+    @classmethod
+    def take(cls) -> _Worker:
+        with cls._spare_lock:
+            worker, cls._spare = cls._spare, None
+        if worker is not None and worker.proc.poll() is None:
+            return worker
+        if worker is not None:
+            worker.close()
+        return cls()
+
+    @classmethod
+    def prepare_spare(cls) -> None:
+        with cls._spare_lock:
+            if cls._spare is None:
+                cls._spare = cls()
+
+    @classmethod
+    def discard_spare(cls) -> None:
+        with cls._spare_lock:
+            worker, cls._spare = cls._spare, None
+        if worker is not None:
+            worker.close()
+
+    def run(self, request: dict[str, Any], *, deadline_s: float) -> tuple[list[str], list[tuple], tuple[str, dict]]:
+        """Send the request and read the answer: (columns, rows, (last message's kind, payload)). A worker that
+        is still running after `deadline_s` is killed ("killed"); one that died otherwise is "died"."""
+        proc = self.proc
+        assert proc.stdin is not None and proc.stdout is not None
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            proc.kill()
+
+        watchdog = threading.Timer(deadline_s, kill)
+        watchdog.daemon = True
+        watchdog.start()
+        columns: list[str] = []
+        rows: list[tuple] = []
+        end: tuple[str, dict[str, Any]] | None = None
+        try:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(json.dumps(request).encode("utf-8"))
+                proc.stdin.close()
+            while end is None:
+                try:
+                    kind, payload = pickle.load(proc.stdout)
+                except (EOFError, pickle.UnpicklingError):
+                    break  # the worker died: its exit status says how
+                if kind == "columns":
+                    columns = payload
+                elif kind == "rows":
+                    rows.extend(payload)
+                else:
+                    end = (kind, payload)
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            watchdog.cancel()
+        if end is None:
+            if killed.is_set():
+                return columns, rows, ("killed", {})
+            self.stderr.seek(0)
+            tail = self.stderr.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
+            return columns, rows, ("died", {"returncode": proc.returncode, "message": tail[-1] if tail else ""})
+        return columns, rows, end
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+atexit.register(_Worker.discard_spare)
 
 
 def _stored(table: str) -> list[Any]:
@@ -724,7 +1019,7 @@ class _Sync:
             self.conn = an._connect_writer()
         except (duckdb.IOException, duckdb.SerializationException, duckdb.InternalException) as exc:
             if "lock" in str(exc).lower():
-                raise CallbotError(f"The analytics snapshot is open elsewhere: {_error_line(exc)}") from exc
+                raise CallbotError(f"The analytics snapshot is open elsewhere: {an._say(exc)}") from exc
             # The snapshot is a cache: one DuckDB cannot open (another version's, a torn file) is rebuilt.
             an._remove_snapshot()
             self.conn = an._connect_writer()
@@ -791,7 +1086,7 @@ class _Sync:
             try:
                 self.conn.execute(f"ATTACH {conninfo} AS {SOURCE} (TYPE postgres, READ_ONLY)")
             except duckdb.Error as exc:
-                raise ConfigError(f"Analytics could not read the store: {_error_line(exc)}") from exc
+                raise ConfigError(f"Analytics could not read the store: {self.an._say(exc)}") from exc
             self.attached = True
         return f"{SOURCE}.{table}"
 

@@ -18,7 +18,11 @@ import duckdb
 
 from callbot_core.errors import InvalidInput
 
-__all__ = ["ForbiddenSQL", "check_sql", "ALLOWED_TABLE_FUNCTIONS"]
+__all__ = ["ForbiddenSQL", "check_sql", "ALLOWED_TABLE_FUNCTIONS", "MAX_SQL_CHARS"]
+
+# Longer than any query a person writes (the canned ones are under 2,000): parsing, auditing and storing a
+# multi-megabyte "query" costs the server, and tells nobody anything.
+MAX_SQL_CHARS = 100_000
 
 
 class ForbiddenSQL(InvalidInput):
@@ -137,6 +141,8 @@ def check_sql(sql: str) -> str:
     """
     if not sql or not sql.strip():
         raise InvalidInput("The query is empty")
+    if len(sql) > MAX_SQL_CHARS:
+        raise InvalidInput(f"The query is {len(sql):,} characters long; the limit is {MAX_SQL_CHARS:,}")
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:

@@ -108,9 +108,12 @@ def sql_cmd(
     elif fmt == "csv":
         import csv
 
-        writer = csv.writer(sys.stdout, lineterminator="\n")
+        from callbot_core.csv_safety import safe_csv_cell
+
+        # CRLF (RFC 4180): the csv module quotes a cell holding a carriage return only when it ends lines.
+        writer = csv.writer(sys.stdout, lineterminator="\r\n")
         writer.writerow(result.columns)
-        writer.writerows([[_cell(v) for v in row] for row in result.rows])
+        writer.writerows([[safe_csv_cell(_cell(v)) for v in row] for row in result.rows])
     else:
         records = [dict(zip(result.columns, (_cell(v) for v in row), strict=True)) for row in result.rows]
         click.echo(json.dumps(records, ensure_ascii=False, indent=1))

@@ -19,6 +19,7 @@ from sqlalchemy.orm import aliased
 
 from callbot_core.access import audit
 from callbot_core.access.permissions import Actor, require
+from callbot_core.csv_safety import safe_csv_cell
 from callbot_core.errors import InvalidInput, NotFound
 from callbot_core.store import Store
 from callbot_core.store.models import Conversation, Message, Persona, PersonaVersion, TurnMetrics, User
@@ -309,13 +310,6 @@ def iter_details(store: Store, ids: Iterable[int]) -> Iterator[ConversationDetai
         yield get_conversation(store, cid)
 
 
-def _safe_csv_cell(value: object) -> object:
-    # A cell starting with =, +, - or @ runs as a formula in spreadsheets: neutralise transcript text.
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
 def export_conversations(store: Store, fmt: str, out: IO[str], *, ids: Iterable[int] | None = None) -> int:
     """Write conversations (all, or `ids`) as JSONL (one conversation a line) or CSV (one message a row)."""
     if fmt not in EXPORT_FORMATS:
@@ -344,7 +338,7 @@ def export_conversations(store: Store, fmt: str, out: IO[str], *, ids: Iterable[
         if writer:
             for m in detail.messages:
                 writer.writerow(
-                    {k: _safe_csv_cell(v) for k, v in {
+                    {k: safe_csv_cell(v) for k, v in {
                         **head, "message_id": m.id, "role": m.role, "text": m.text,
                         "created_at": _iso(m.created_at), "token_count": m.token_count,
                         "ttft_ms": m.ttft_ms, "total_ms": m.total_ms, "tokens_per_s": m.tokens_per_s,

@@ -478,7 +478,10 @@ def test_a_long_query_does_not_hold_up_other_readers(an: Analytics, data: Datase
     def slow() -> None:
         try:
             an.query(
-                "select sum(hash(a.range * b.range)) from range(100000) a, range(100000) b", timeout_s=1.5, actor=OP
+                # Long enough for five short queries, each in a worker process of its own (~0.2 s to start).
+                "select sum(hash(a.range * b.range)) from range(100000) a, range(100000) b",
+                timeout_s=4,
+                actor=OP,
             )
         except QueryTimeout as exc:
             slow_error.append(exc)

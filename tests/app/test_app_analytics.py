@@ -46,6 +46,25 @@ def test_sql_console_runs_a_query_and_offers_downloads(with_turns: Store) -> Non
     assert at.get("plotly_chart")  # the quick chart builder drew the result
 
 
+def test_sql_console_csv_download_neutralises_formulas(with_turns: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    downloads: dict[str | None, bytes] = {}
+    store_file = MemoryMediaFileStorage.load_and_get_id
+
+    def keep(self, data, mimetype, kind, filename=None):  # type: ignore[no-untyped-def]
+        downloads[filename] = data
+        return store_file(self, data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", keep)
+    at = _analytics()
+    at.text_area(key="analytics_sql").input("select * from (values ('=1+1', -3), ('@SUM(A1)', 4)) t(text, n)")
+    button(at, "Run").click()
+    at.run()
+    assert not at.exception and not at.error, at.exception or [e.value for e in at.error]
+    assert downloads["query.csv"].decode().splitlines() == ["text,n", "'=1+1,-3", "'@SUM(A1),4"]
+
+
 def test_sql_console_refuses_writes(with_turns: Store) -> None:
     at = _analytics()
     at.text_area(key="analytics_sql").input("drop table messages")
