@@ -19,6 +19,7 @@ from sqlalchemy.orm import aliased
 
 from callbot_core.access import audit
 from callbot_core.access.permissions import Actor, require
+from callbot_core.conversations.turn import reconcile_turns
 from callbot_core.csv_safety import safe_csv_cell
 from callbot_core.errors import InvalidInput, NotFound
 from callbot_core.store import Store
@@ -133,6 +134,7 @@ def list_conversations(
     Two steps: pick the page of conversation ids with the filters, then aggregate turn metrics for
     those ids only, so a page costs the same with 100 or 100,000 conversations in the store.
     """
+    reconcile_turns(store)  # as `get_conversation`: the list's turn counts then include turns whose process died
     query = (
         select(Conversation.id)
         .join(PersonaVersion, PersonaVersion.id == Conversation.persona_version_id)
@@ -167,6 +169,8 @@ def list_conversations(
 
 
 def get_conversation(store: Store, conversation_id: int) -> ConversationDetail:
+    # A turn whose process died shows as interrupted, not as a question left hanging (cheap: turns in flight only).
+    reconcile_turns(store)
     with store.session() as session:
         one = select(Conversation.id).where(Conversation.id == conversation_id)
         found = session.execute(_rows_query(only_ids=one).where(Conversation.id == conversation_id)).first()

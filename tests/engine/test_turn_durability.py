@@ -226,6 +226,25 @@ def test_turns_whose_process_died_are_reconciled_as_interrupted(service, store, 
     assert _turns(store, cid) == [("dead here", None, f"interrupted: its process ({dead}) ended before the turn did")]
 
 
+def test_reading_a_conversation_reconciles_a_turn_whose_process_died(service, store) -> None:
+    from callbot_core.conversations.transcripts import get_conversation, list_conversations
+
+    info = service.start("receptionist", actor=LOCAL_OPERATOR)
+    stream = service.send(info.id, "Anyone there?", actor=LOCAL_OPERATOR)
+    dead = f"{socket.gethostname()}:{_dead_pid()}"
+    with store.session() as s:
+        s.execute(update(models.RunningTurn).values(worker=dead))
+    # The Conversations page lists, then opens: both show the turn as interrupted without a restart in between.
+    (row,) = [r for r in list_conversations(store) if r.id == info.id]
+    assert _turns(store, info.id) == [
+        ("Anyone there?", None, f"interrupted: its process ({dead}) ended before the turn did")
+    ]
+    detail = get_conversation(store, info.id)
+    assert [m.text for m in detail.messages if m.role == "user"] == ["Anyone there?"]
+    with pytest.raises(Conflict):
+        stream.text()
+
+
 @pytest.mark.parametrize("bad", ["\udcff", "caf\udce9", "\ud800 half a pair"], ids=["0xff", "latin-1", "half-pair"])
 def test_text_that_is_not_unicode_is_refused_in_one_line(service, store, bad: str) -> None:
     """A non-UTF-8 byte in argv becomes a lone surrogate in Python (as does a JSON "\\ud800" escape)."""
