@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
-import streamlit.components.v1 as components
 
 from app.common import FAILED, allowed, current_user, run_action, settings, store
 from callbot_core.errors import CallbotError
@@ -21,7 +20,7 @@ def _sandboxed(page: str) -> str:
     """A page holding `page` in an iframe whose scripts run in an opaque origin of their own.
 
     A report is HTML made from the store's data and the run's parameters, and opened by everyone: whatever got
-    into it must not act as the reader. `components.html` alone would not do, because its iframe is allowed both
+    into it must not act as the reader. `st.iframe` alone would not do, because its iframe is allowed both
     scripts and the app's origin, so a script in it could read the app's cookies and page through `parent`.
     Inside it, `sandbox="allow-scripts"` without `allow-same-origin` lets plotly draw the charts, but gives the
     report an origin of its own ("null"): `parent`, `top`, cookies and storage are out of its reach.
@@ -112,7 +111,7 @@ if chosen is not None:
         page = html_path.read_text(encoding="utf-8")
         st.download_button("Download the report (HTML)", page.encode("utf-8"), html_path.name, "text/html",
                            key="reports_download")  # fmt: skip
-        components.html(_sandboxed(page), height=REPORT_HEIGHT_PX)  # the report scrolls inside its own frame
+        st.iframe(_sandboxed(page), height=REPORT_HEIGHT_PX)  # the report scrolls inside its own frame
     elif run.status == "running":
         st.info("This run is still going.")
     else:
