@@ -5,6 +5,8 @@ changes their own password or role is signed out here too, and signs in again.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pandas as pd
 import streamlit as st
 
@@ -32,11 +34,22 @@ st.title("Admin")
 FLASH = "admin_flash"
 
 
-def _act(success: str, fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+# The add-user form keeps what was typed when the engine refuses it (a taken name, a short password), and is
+# emptied only after a user was added: its fields are cleared before they are drawn on the next run.
+ADD_FIELDS = ("admin_new_username", "admin_new_display", "admin_new_email", "admin_new_password")
+CLEAR_ADD = "admin_clear_add"
+
+
+def _act(success: str, fn, *args, clear: Sequence[str] = (), **kwargs) -> None:  # type: ignore[no-untyped-def]
     """Run an admin action; on success redraw the page so every list shows the change."""
     if run_action(fn, *args, **kwargs) is not FAILED:
         st.session_state[FLASH] = success
+        st.session_state[CLEAR_ADD] = list(clear)
         st.rerun()
+
+
+for _key in st.session_state.pop(CLEAR_ADD, None) or ():
+    st.session_state.pop(_key, None)
 
 
 def _locked_until(u, now) -> str:  # type: ignore[no-untyped-def]
@@ -77,7 +90,7 @@ with users_tab:
     )
     names = [u.username for u in users]
     left, right = st.columns(2)
-    with left, st.form("admin_add_user", clear_on_submit=True):
+    with left, st.form("admin_add_user"):
         st.markdown("**Add a user**")
         new_name = st.text_input("Username", key="admin_new_username")
         new_display = st.text_input("Display name", key="admin_new_display")
@@ -95,6 +108,7 @@ with users_tab:
                 display_name=new_display,
                 email=new_email or None,
                 actor=user,
+                clear=ADD_FIELDS,
             )
     with right:
         with st.form("admin_role"):

@@ -107,9 +107,14 @@ if summary.archived:
 st.markdown(f"### {safe_markdown(current.name)} · `{current.ref}` " + " ".join(tags))
 st.caption(f"Saved {current.created_at:%Y-%m-%d %H:%M}" + (f" · {safe_markdown(current.note)}" if current.note else ""))
 
-view_tab, edit_tab, diff_tab, manage_tab, card_tab, suites_tab = st.tabs(
-    ["Version", "Edit", "Diff", "Manage", "Card", "Suites"]
-)
+# A tab the role cannot use is not shown at all (the engine refuses its actions anyway).
+may_run_suites = allowed("suite.run")
+tab_names = [
+    "Version", *(["Edit"] if may_edit else []), "Diff", *(["Manage"] if may_edit else []), "Card",
+    *(["Suites"] if may_run_suites else []),
+]  # fmt: skip
+tabs = dict(zip(tab_names, st.tabs(tab_names), strict=True))
+view_tab, diff_tab, card_tab = tabs["Version"], tabs["Diff"], tabs["Card"]
 
 with view_tab:
     st.markdown("**System prompt**")
@@ -143,10 +148,8 @@ with view_tab:
         width="stretch",
     )
 
-with edit_tab:
-    if not may_edit:
-        st.info("Viewers read personas; researchers and admins edit them.")
-    else:
+if may_edit:
+    with tabs["Edit"]:
         st.caption(f"Saving makes version {summary.latest + 1}; {current.ref} stays as it is and remains usable.")
 
         def _pe(field: str) -> str:
@@ -217,10 +220,8 @@ with diff_tab:
             else:
                 st.markdown(f"`{change.old}` → `{change.new}`")
 
-with manage_tab:
-    if not may_edit:
-        st.info("Viewers read personas; researchers and admins manage them.")
-    else:
+if may_edit:
+    with tabs["Manage"]:
         if (
             may_promote
             and not current.production
@@ -268,10 +269,8 @@ def _temperatures(text: str) -> list[float]:
     return values
 
 
-with suites_tab:
-    if not allowed("suite.run"):
-        st.info("Viewers read suite results; researchers and admins run suites.")
-    else:
+if may_run_suites:
+    with tabs["Suites"]:
         st.caption(f"Run a scenario suite against versions of {key}: every version × temperature × repeat is one case.")
         suites = suite_files(get_settings().suites_dir)
         files = list(suites)

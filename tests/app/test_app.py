@@ -245,11 +245,20 @@ def test_admin_adds_a_user_changes_a_role_and_resets_a_password(app_store: Store
     at = sign_in("admin", ADMIN_PW)
     at.switch_page(str(Path(APP).parent / "views" / "admin.py")).run()
     at.text_input(key="admin_new_username").input("Nina")
+    at.text_input(key="admin_new_display").input("Nina N.")
+    at.text_input(key="admin_new_password").input("short")
+    button(at, "Add user").click()
+    at.run()
+    # Refused: the form keeps what was typed, so only the password needs fixing.
+    assert any("too short" in e.value for e in at.error)
+    assert at.text_input(key="admin_new_username").value == "Nina"
+    assert at.text_input(key="admin_new_display").value == "Nina N."
     at.text_input(key="admin_new_password").input("nina-pass-123")
     at.selectbox(key="admin_new_role").select("viewer")
     button(at, "Add user").click()
     at.run()
     assert "User 'nina' added." in [s.value for s in at.success]
+    assert at.text_input(key="admin_new_username").value == ""  # emptied once the user exists
     assert get_user_info(app_store, "nina").role == "viewer"
 
     at.selectbox(key="admin_role_user").select("nina")

@@ -36,10 +36,9 @@ def test_a_suite_upload_that_is_not_utf8_is_one_line(app_store: Store) -> None:
     at.switch_page(view("personas")).run()
     at.selectbox(key="personas_key").select("receptionist").run()
     at.selectbox(key="ps_suite").select("(uploaded file)").run()
-    at.file_uploader(key="ps_upload").set_value(("latin1.yaml", "name: café\ncases: []\n".encode("latin-1"), "text/yaml"))
+    latin1 = "name: café\ncases: []\n".encode("latin-1")
+    at.file_uploader(key="ps_upload").set_value(("latin1.yaml", latin1, "text/yaml"))
     at.run()
     at.button(key="ps_run").click().run()
     assert not at.exception
-    assert [e.value for e in at.error] == [
-        "latin1.yaml: not UTF-8 text (byte 9 is 0xe9); save it as UTF-8"
-    ]
+    assert [e.value for e in at.error] == ["latin1.yaml: not UTF-8 text (byte 9 is 0xe9); save it as UTF-8"]

@@ -61,10 +61,11 @@ def test_promote_clone_and_card_export(app_store: Store) -> None:
     assert "Download sales-b@1 as a Character Card V2 (JSON)" in labels  # its body: tests/test_personas.py
 
 
-def test_viewers_read_but_do_not_edit(app_store: Store) -> None:
+def test_viewers_see_only_the_tabs_they_can_use(app_store: Store) -> None:
     at = _personas("vera", PW)
+    assert [t.label for t in at.tabs] == ["Version", "Diff", "Card"]
     assert "Save as a new version" not in [b.label for b in at.button]
-    assert any("Viewers read personas" in i.value for i in at.info)
+    assert [t.label for t in _personas("rita", PW).tabs] == ["Version", "Edit", "Diff", "Manage", "Card", "Suites"]
 
 
 @pytest.mark.model
@@ -112,7 +113,7 @@ def test_a_researcher_runs_a_suite_with_progress(
 def test_viewers_do_not_run_suites(app_store: Store) -> None:
     at = _personas("vera", PW)
     assert "Run suite" not in [b.label for b in at.button]
-    assert any("Viewers read suite results" in i.value for i in at.info)
+    assert "Suites" not in [t.label for t in at.tabs]
 
 
 def test_the_edit_form_shows_the_selected_version(app_store: Store) -> None:

@@ -16,9 +16,8 @@ from callbot_core.store.models import Persona
 def test_a_unique_violation_is_a_duplicate_naming_table_and_key(store) -> None:
     with store.session() as session:
         session.add(Persona(key="twin", name="Twin"))
-    with pytest.raises(Duplicate) as info:
-        with store.session() as session:
-            session.add(Persona(key="twin", name="Twin again"))
+    with pytest.raises(Duplicate) as info, store.session() as session:
+        session.add(Persona(key="twin", name="Twin again"))
     message = str(info.value)
     assert message.startswith("Not saved: personas already has a row with the same key ")
     assert "\n" not in message and "IntegrityError" not in message
