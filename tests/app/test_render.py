@@ -37,7 +37,7 @@ IMAGES = [
     "> quoted ![x](http://evil.example/f.png)",
     "* item ![x](<http://evil.example/g h.png>)",
     "``` not a fence ``` ![x](http://evil.example/h.png)",
-    "  ![x](http://evil.example/i.png \"title\")",
+    '  ![x](http://evil.example/i.png "title")',
     "````\nfence ```\n````\n![x](http://evil.example/j.png)",  # * the regex ended the fence at ```
 ]
 

@@ -19,4 +19,3 @@ def test_every_response_carries_the_security_headers(app: RunningApp, path: str)
     assert headers["x-content-type-options"] == "nosniff"
     assert headers["referrer-policy"] == "same-origin"
     assert "camera=()" in headers["permissions-policy"]
-
