@@ -14,8 +14,8 @@ from callbot_core.personas.versions import set_production
 user = current_user()
 st.title("Leaderboard")
 st.caption(
-    "One row per persona version and parameter set: pass rate and scores from scenario-suite runs, latency "
-    "and length from those runs' conversations, votes from side-by-side comparisons. "
+    "One row per persona version and parameter set: votes from side-by-side comparisons, pass rate and scores "
+    "from scenario-suite runs, latency and length from its suite-run and comparison conversations. "
     'The same numbers: `callbot sql "select * from leaderboard"`.'
 )
 
@@ -35,8 +35,12 @@ if board.empty:
     st.stop()
 
 board.insert(0, "version", board["persona"] + "@" + board["persona_version"].astype(str))
+# What a researcher compares first stands first: who it is, the votes just cast, the suite's verdict, then the rest.
+FIRST = ["version", "params", "production", "votes", "comparisons", "pass_rate", "ttft_p50_ms"]
+shown = board.drop(columns=["persona", "persona_version"])
+shown = shown[[c for c in FIRST if c in shown] + [c for c in shown if c not in FIRST]]
 st.dataframe(
-    board.drop(columns=["persona", "persona_version"]),
+    shown,
     hide_index=True,
     width="stretch",
     column_config={
@@ -52,8 +56,14 @@ st.dataframe(
 )
 
 st.subheader("Pass rate by version and parameters")
-pivot = board.pivot_table(index="version", columns="params", values="pass_rate", aggfunc="mean", dropna=False)
-st.dataframe(pivot, width="stretch", column_config={c: st.column_config.NumberColumn(format="%.2f") for c in pivot})
+if board["pass_rate"].isna().all():
+    st.info(
+        "No suite results yet: run a scenario suite on the Personas page (Suites tab) or with "
+        "`callbot eval run SUITE --persona KEY@N` to fill this table."
+    )
+else:
+    pivot = board.pivot_table(index="version", columns="params", values="pass_rate", aggfunc="mean", dropna=False)
+    st.dataframe(pivot, width="stretch", column_config={c: st.column_config.NumberColumn(format="%.2f") for c in pivot})
 
 if allowed("persona.promote"):
     st.subheader("Promote to production")

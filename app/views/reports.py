@@ -10,7 +10,8 @@ import streamlit as st
 
 from app.common import FAILED, allowed, current_user, run_action, settings, store
 from callbot_core.errors import CallbotError
-from callbot_core.jobs.reports import REPORTS, get_run, list_runs, report_parameters, run_report
+from callbot_core.jobs.reports import DATE_PARAMETERS, REPORTS, get_run, list_runs, report_parameters, run_report
+from callbot_core.personas.catalog import persona_catalog
 
 OPEN = "reports_open_id"
 REPORT_HEIGHT_PX = 900
@@ -46,9 +47,20 @@ if may_run:
         values: dict[str, str] = {}
         columns = st.columns(max(1, len(defaults)))
         for column, (key, default) in zip(columns, defaults.items(), strict=False):
+            if key == "persona":
+                # Chosen from the store's personas, not typed: a key that exists is the only one the run accepts.
+                keys = [p.key for p in persona_catalog(store())]
+                values[key] = (
+                    column.selectbox(
+                        key, keys, index=None, placeholder="All personas", key=f"reports_param_{name}_{key}"
+                    )
+                    or ""
+                )
+                continue
             values[key] = column.text_input(
                 key, value="" if default is None else str(default), key=f"reports_param_{name}_{key}",
-                help="Leave empty for the default (all / the configured store)",
+                help="YYYY-MM-DD, 'today' or '-7d' (seven days ago); leave empty for all"
+                if key in DATE_PARAMETERS else "Leave empty for the default (the configured store)",
             )  # fmt: skip
         if st.button("Run report", type="primary", key="reports_run"):
             bar = st.progress(0.0, text="Starting the notebook…")
@@ -58,12 +70,15 @@ if may_run:
 
             params = {k: v for k, v in values.items() if v.strip()}
             run = run_action(run_report, store(), name, params, actor=user, progress=_progress, settings=settings())
-            if run is not FAILED:
-                bar.progress(1.0, text="Done")
+            if run is FAILED:
+                bar.empty()  # refused before it started: no "Starting the notebook…" left above the reason
+            else:
                 st.session_state[OPEN] = run.id
                 if run.status == "failed":
+                    bar.empty()
                     st.error(f"Report run {run.id} failed: {run.error}")
                 else:
+                    bar.progress(1.0, text="Done")
                     st.success(f"Report run {run.id} finished.")
 
 runs = list_runs(store(), limit=200)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Bump when a table's columns, a copy expression or a view changes: an older snapshot is then rebuilt.
-SNAPSHOT_FORMAT = 4
+SNAPSHOT_FORMAT = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,17 +399,23 @@ WITH runs AS (
            avg(e.score) FILTER (WHERE e.kind = 'judge') AS mean_judge_score
     FROM raw.eval_results e JOIN runs r ON r.id = e.eval_run_id
     GROUP BY 1, 2
+), variants AS (
+    SELECT v.id, v.comparison_id, v.conversation_id, c.persona_version_id, coalesce(v.params, '{}') AS params
+    FROM raw.comparison_variants v JOIN raw.conversations c ON c.id = v.conversation_id
+), measured AS (
+    -- Latency, speed and length come from every conversation the version and parameter set had: suite runs and
+    -- side-by-side comparisons alike, so a version that was only compared still shows its TTFT.
+    SELECT persona_version_id, params, conversation_id FROM runs
+    UNION ALL
+    SELECT persona_version_id, params, conversation_id FROM variants
 ), lat AS (
     SELECT r.persona_version_id, r.params,
            quantile_cont(tm.ttft_ms, 0.5) FILTER (WHERE tm.error IS NULL) AS ttft_p50_ms,
            quantile_cont(tm.ttft_ms, 0.95) FILTER (WHERE tm.error IS NULL) AS ttft_p95_ms,
            avg(tm.tokens_per_s) FILTER (WHERE tm.error IS NULL) AS tokens_per_s_mean,
            avg(tm.bot_words) FILTER (WHERE tm.error IS NULL) AS words_per_turn
-    FROM raw.turn_metrics tm JOIN runs r ON r.conversation_id = tm.conversation_id
+    FROM raw.turn_metrics tm JOIN measured r ON r.conversation_id = tm.conversation_id
     GROUP BY 1, 2
-), variants AS (
-    SELECT v.id, v.comparison_id, c.persona_version_id, coalesce(v.params, '{}') AS params
-    FROM raw.comparison_variants v JOIN raw.conversations c ON c.id = v.conversation_id
 ), won AS (
     SELECT v.persona_version_id, v.params, count(*) AS votes
     FROM raw.comparison_votes cv JOIN variants v ON v.id = cv.variant_id
@@ -597,8 +603,8 @@ VIEW_DOCS: list[ViewDoc] = [
         "leaderboard",
         "One row per persona version and parameter set that was evaluated by a scenario suite or took part "
         "in a side-by-side comparison. Eval figures come from the assertions of that version and parameter "
-        "set's suite runs; latency, speed and words from those runs' conversations (successful turns); votes "
-        "from the side-by-side comparisons.",
+        "set's suite runs; latency, speed and words from its conversations in suite runs and side-by-side "
+        "comparisons (successful turns); votes from the side-by-side comparisons.",
         [
             ("persona", "persona key"),
             ("persona_version", "version number"),
@@ -609,10 +615,10 @@ VIEW_DOCS: list[ViewDoc] = [
             ("pass_rate", "passed / assertions, 0..1 (NULL without assertions)"),
             ("mean_similarity", "mean cosine similarity of the similar_to assertions"),
             ("mean_judge_score", "mean LLM-judge score (1-5) of the judge assertions"),
-            ("ttft_p50_ms", "median time to first token in the runs' conversations"),
-            ("ttft_p95_ms", "95th percentile time to first token in the runs' conversations"),
-            ("tokens_per_s_mean", "mean decode speed in the runs' conversations"),
-            ("words_per_turn", "mean words per bot reply in the runs' conversations"),
+            ("ttft_p50_ms", "median time to first token in its suite-run and comparison conversations"),
+            ("ttft_p95_ms", "95th percentile time to first token in its suite-run and comparison conversations"),
+            ("tokens_per_s_mean", "mean decode speed in its suite-run and comparison conversations"),
+            ("words_per_turn", "mean words per bot reply in its suite-run and comparison conversations"),
             ("votes", "side-by-side votes won"),
             ("comparisons", "side-by-side turns voted on in which this version and parameter set took part"),
         ],

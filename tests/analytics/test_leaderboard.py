@@ -98,7 +98,7 @@ def build(store) -> dict[str, int]:
         s.add(comp)
         s.flush()
         va = ComparisonVariant(comparison_id=comp.id, position=0, label="A", params=None,
-                               conversation_id=conversation(s, rec1, []).id)  # fmt: skip
+                               conversation_id=conversation(s, rec1, [(400.0, 10.0, "a b")]).id)  # fmt: skip
         vb = ComparisonVariant(comparison_id=comp.id, position=1, label="B", params={"temperature": 0.7, "top_p": 0.9},
                                conversation_id=conversation(s, rec2, []).id)  # fmt: skip
         s.add_all([va, vb])
@@ -149,6 +149,9 @@ def test_leaderboard_numbers(store, tmp_path: Path) -> None:
     plain1 = rows[("receptionist", 1, "{}")]
     assert (plain1["eval_runs"], plain1["assertions"], plain1["votes"], plain1["comparisons"]) == (0, 0, 2, 3)
     assert same(plain1["pass_rate"], None)
+    # Only compared, never in a suite: its latency comes from its comparison conversation.
+    assert same(plain1["ttft_p50_ms"], 400) and same(plain1["tokens_per_s_mean"], 10)
+    assert same(plain1["words_per_turn"], 2)
 
     # Changes reach the snapshot: the production label, a run's status, a new vote, a deleted variant
     # conversation (cascade).

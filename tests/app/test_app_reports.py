@@ -41,3 +41,18 @@ def test_opening_a_report_uses_no_deprecated_call(app_store: Store, tmp_path: Pa
     assert not at.exception
     assert [b.label for b in at.get("download_button")] == ["Download the report (HTML)"]
     assert records.messages == []
+
+
+def test_the_persona_is_picked_from_the_store_and_a_refusal_leaves_no_progress_bar(app_store: Store) -> None:
+    at = sign_in("rita", PW)
+    at.switch_page(view("reports")).run()
+    at.selectbox(key="reports_name").select("performance_report").run()
+    persona = at.selectbox(key="reports_param_performance_report_persona")
+    assert "receptionist" in persona.options and persona.value is None  # None: all personas
+    at.text_input(key="reports_param_performance_report_since").input("not a date")
+    next(b for b in at.button if b.label == "Run report").click()
+    at.run()
+    assert [e.value for e in at.error] == [
+        "Parameter 'since': 'not a date' is not a date; use YYYY-MM-DD, 'today' or '-Nd' (N days ago)"
+    ]
+    assert not at.get("progress")  # no "Starting the notebook…" left above the reason
