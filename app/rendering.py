@@ -63,3 +63,25 @@ def safe_markdown_stream(pieces: Iterable[str]) -> Iterator[str]:
     for piece in pieces:
         text += piece
         yield safe_markdown(text)
+
+
+_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def plain_markdown(text: str) -> str:
+    """`text` to be shown literally inside Markdown: every ASCII punctuation character backslash-escaped (CommonMark
+    allows that for all of them), so no emphasis, link, image, code, directive (`:red[…]`) or formula can form."""
+    return "".join(f"\\{c}" if c in _PUNCTUATION else c for c in text)
+
+
+def highlight(text: str, query: str) -> str:
+    """`text` shown literally, with each case-insensitive occurrence of `query` highlighted (a search snippet)."""
+    if not query:
+        return plain_markdown(text)
+    out, lower, needle, at = [], text.lower(), query.lower(), 0
+    while (found := lower.find(needle, at)) >= 0:
+        out.append(plain_markdown(text[at:found]))
+        out.append(f":orange-background[{plain_markdown(text[found : found + len(query)])}]")
+        at = found + len(query)
+    out.append(plain_markdown(text[at:]))
+    return "".join(out)

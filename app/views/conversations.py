@@ -1,8 +1,10 @@
-"""Conversations: filter, search, open one grouped by date, export what is listed, delete (admins)."""
+"""Conversations: filter, search (snippets with the match highlighted), open one from its row, grouped by date,
+export what is listed in one click, delete (admins)."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
 from itertools import groupby
 
@@ -21,6 +23,7 @@ from app.common import (
     safe_markdown,
     store,
 )
+from app.rendering import highlight, plain_markdown
 from callbot_core.access.signin import list_users
 from callbot_core.conversations.transcripts import (
     delete_conversation,
@@ -34,7 +37,8 @@ from callbot_core.personas.catalog import persona_catalog
 
 PAGE_SIZE = 100
 OPEN = "conv_open_id"
-EXPORT = "conv_export"
+SNIPPETS_SHOWN = 20
+CLICKED = "conv_clicked_row"
 
 user = current_user()
 st.title("Conversations")
@@ -82,8 +86,16 @@ rows = list_conversations(
 has_more = len(rows) > PAGE_SIZE
 rows = rows[:PAGE_SIZE]
 
+MISSING = "–"  # what an empty cell shows: "None" reads as if something were called None
+
 if query.strip():
-    st.caption(f"{len(hits)} match(es) for “{(query.strip())}” in {len(ids or [])} conversation(s)")
+    st.caption(f"{len(hits)} match(es) for “{plain_markdown(query.strip())}” in {len(ids or [])} conversation(s)")
+    with st.expander("Where it was said", expanded=True):
+        for hit in hits[:SNIPPETS_SHOWN]:
+            where = "summary" if hit.source == "summary" else (hit.role or "message")
+            st.markdown(f"**#{hit.conversation_id}** · {where} · {highlight(hit.snippet, query.strip())}")
+        if len(hits) > SNIPPETS_SHOWN:
+            st.caption(f"… and {len(hits) - SNIPPETS_SHOWN} more; narrow the search or the filters.")
 
 if not rows:
     st.info("No conversations match these filters.")
@@ -95,18 +107,28 @@ else:
                 "started": r.started_at.strftime("%Y-%m-%d %H:%M"),
                 "persona": f"{r.persona_key}@{r.persona_version}",
                 "user": r.username or "(cli)",
-                "backend": r.backend,
-                "model": r.model,
+                "backend": r.backend or MISSING,
+                "model": r.model or MISSING,
                 "status": r.status,
                 "turns": r.turns,
                 "failed": r.failed_turns,
-                "mean TTFT ms": None if r.mean_ttft_ms is None else round(r.mean_ttft_ms),
-                "summary": r.summary_short or "",
+                "mean TTFT ms": MISSING if r.mean_ttft_ms is None else f"{r.mean_ttft_ms:,.0f}",
+                "summary": r.summary_short or MISSING,
             }
             for r in rows
         ]
     )
-    st.dataframe(table, hide_index=True, width="stretch", key="conv_table")
+    # Clicking a row opens that conversation below (the picker further down does the same by keyboard).
+    picked = st.dataframe(
+        table, hide_index=True, width="stretch", key="conv_table", on_select="rerun", selection_mode="single-row"
+    )
+    selected = picked.selection.rows if picked is not None else []
+    clicked = rows[selected[0]].id if selected and selected[0] < len(rows) else None
+    # Only a new click opens: the selection stays on every rerun, and the picker below may have chosen since.
+    if clicked is not None and clicked != st.session_state.get(CLICKED):
+        # The picker follows (it is drawn later in this run, so its state may still be set).
+        st.session_state[OPEN] = st.session_state["conv_open_select"] = clicked
+    st.session_state[CLICKED] = clicked
 
     nav1, nav2, nav3 = st.columns([1, 1, 6])
     if nav1.button("◀ Newer", disabled=page == 0, key="conv_prev"):
@@ -117,22 +139,26 @@ else:
         st.rerun()
     nav3.caption(f"Page {page + 1} · showing {len(rows)} conversation(s)")
 
-    # -- export ---------------------------------------------------------------------------------
-    e1, e2, e3 = st.columns([1, 1, 4])
-    for column, fmt in ((e1, "csv"), (e2, "jsonl")):
-        if column.button(f"Export {fmt.upper()}", key=f"conv_export_{fmt}"):
+    # -- export: one click; the file is made when the button is pressed, not on every rerun ------------
+    listed = [r.id for r in rows]
+
+    def _export(fmt: str) -> Callable[[], bytes]:
+        def make() -> bytes:
             buffer = io.StringIO()
-            count = export_conversations(store(), fmt, buffer, ids=[r.id for r in rows])
-            st.session_state[EXPORT] = (fmt, buffer.getvalue(), count)
-    prepared = st.session_state.get(EXPORT)
-    if prepared:
-        fmt, data, count = prepared
-        e3.download_button(
-            f"Download {count} conversation(s) as {fmt.upper()}",
-            data=data.encode("utf-8"),
+            export_conversations(store(), fmt, buffer, ids=listed)
+            return buffer.getvalue().encode("utf-8")
+
+        return make
+
+    e1, e2, _ = st.columns([1, 1, 4])
+    for column, fmt in ((e1, "csv"), (e2, "jsonl")):
+        column.download_button(
+            f"Export {len(listed)} as {fmt.upper()}",
+            data=_export(fmt),
             file_name=f"conversations.{fmt}",
             mime="text/csv" if fmt == "csv" else "application/jsonl",
-            key="conv_download",
+            key=f"conv_export_{fmt}",
+            on_click="ignore",
         )
 
     # -- one conversation -------------------------------------------------------------------------
@@ -191,6 +217,5 @@ if open_id is not None and rows and open_id in {r.id for r in rows}:
                 done = run_action(delete_conversation, store(), r.id, actor=user, client_addr=client_addr())
                 if done is not FAILED:
                     st.session_state.pop(OPEN, None)
-                    st.session_state.pop(EXPORT, None)
                     st.toast(f"Conversation {r.id} deleted")
                     st.rerun()

@@ -6,10 +6,12 @@ renderer is, never of the function's own idea of the syntax.
 
 from __future__ import annotations
 
+from html import escape
+
 import pytest
 from markdown_it import MarkdownIt
 
-from app.rendering import safe_markdown, safe_markdown_stream
+from app.rendering import highlight, plain_markdown, safe_markdown, safe_markdown_stream
 
 _CHECK = MarkdownIt("commonmark").enable(["table", "strikethrough"])
 
@@ -76,3 +78,17 @@ def test_a_stream_is_safe_after_every_piece() -> None:
     assert len(shown) == len(pieces)
     assert all(_images(s) == [] for s in shown)
     assert shown[-1] == "Look \\![pic](http://evil.example/p.png) and `code ![c](x)` done!"
+
+
+@pytest.mark.parametrize(
+    "text", ["**bold** _it_ `code` [l](http://x) ![i](http://x/i.png) <b>x</b> # h", ":red[colour] $x^2$ | a | b |"]
+)
+def test_plain_markdown_shows_the_text_as_typed(text: str) -> None:
+    html = _CHECK.render(plain_markdown(text))
+    assert html.strip() == f"<p>{escape(text, quote=False)}</p>".replace('"', "&quot;")
+    assert _images(plain_markdown(text)) == []
+
+
+def test_highlight_marks_each_match_and_escapes_the_rest() -> None:
+    out = highlight("Flamingo *and* flamingos", "flamingo")
+    assert out == ":orange-background[Flamingo] \\*and\\* :orange-background[flamingo]s"
