@@ -236,22 +236,37 @@ def create_persona(
         return _info(version)
 
 
-def _new_version(
-    session: Session, persona: Persona, changes: dict[str, Any], *, actor: str | None, note: str
-) -> PersonaVersion:
+def _check_known(changes: dict[str, Any]) -> None:
     unknown = sorted(set(changes) - set(VERSION_FIELDS) - set(PERSONA_FIELDS))
     if unknown:
         raise InvalidInput(f"Unknown persona field(s): {', '.join(unknown)}; editable: {', '.join(VERSION_FIELDS)}")
-    latest = _latest(session, persona)
-    version_changes = _validate({k: v for k, v in changes.items() if k in VERSION_FIELDS})
+
+
+def _apply_persona_fields(persona: Persona, changes: dict[str, Any]) -> list[str]:
+    """Set the persona's own fields (name, description: they belong to every version); returns those that changed."""
+    changed = []
     if "name" in changes:
         if not isinstance(changes["name"], str) or not changes["name"].strip():
             raise InvalidInput("name must not be empty")
-        persona.name = changes["name"].strip()
+        if persona.name != changes["name"].strip():
+            persona.name = changes["name"].strip()
+            changed.append("name")
     if "description" in changes:
         if not isinstance(changes["description"], str):
             raise InvalidInput("description must be a string")
-        persona.description = changes["description"].strip()
+        if persona.description != changes["description"].strip():
+            persona.description = changes["description"].strip()
+            changed.append("description")
+    return changed
+
+
+def _new_version(
+    session: Session, persona: Persona, changes: dict[str, Any], *, actor: str | None, note: str
+) -> PersonaVersion:
+    _check_known(changes)
+    latest = _latest(session, persona)
+    version_changes = _validate({k: v for k, v in changes.items() if k in VERSION_FIELDS})
+    _apply_persona_fields(persona, changes)
     # Copy from the latest, never modify it: the latest may already be frozen by a conversation.
     fields = {name: getattr(latest, name) for name in VERSION_FIELDS}
     fields.update(version_changes)
@@ -270,10 +285,26 @@ def _new_version(
 
 
 def save_version(store: Store, key: str, changes: dict[str, Any], *, actor: Actor, note: str = "") -> VersionInfo:
-    """Save an edit as a new version (latest + 1); fields not in `changes` are copied from the latest."""
+    """Save an edit as a new version (latest + 1); fields not in `changes` are copied from the latest.
+
+    An edit that changes no version field makes no version: a new name or description alone is saved on the
+    persona (`latest` is returned), and an edit that changes nothing at all is refused, so versions always differ.
+    """
     require(actor, "persona.edit")
+    _check_known(changes)
     with store.session() as session:
-        return _info(_new_version(session, _persona(session, key), changes, actor=actor.username, note=note))
+        persona = _persona(session, key)
+        latest = _latest(session, persona)
+        version_changes = _validate({k: v for k, v in changes.items() if k in VERSION_FIELDS})
+        if all(getattr(latest, field) == value for field, value in version_changes.items()):
+            renamed = _apply_persona_fields(persona, changes)
+            if not renamed:
+                raise InvalidInput(
+                    f"Nothing to save: these are the settings of {key}@{latest.version} already; change a field first"
+                )
+            audit.record(session, "persona.rename", actor=actor.username, target=key, detail={"changed": renamed})
+            return _info(latest)
+        return _info(_new_version(session, persona, changes, actor=actor.username, note=note))
 
 
 def clone_persona(store: Store, ref: str, new_key: str, new_name: str, *, actor: Actor) -> VersionInfo:

@@ -48,6 +48,18 @@ def _counts(store) -> tuple[int, int]:
         )
 
 
+def test_an_edit_that_changes_nothing_makes_no_version(store) -> None:
+    latest = get_version(store, "receptionist")
+    same = {"system_prompt": latest.system_prompt, "temperature": latest.temperature, "name": latest.name}
+    with pytest.raises(InvalidInput, match=r"Nothing to save: these are the settings of receptionist@1 already"):
+        save_version(store, "receptionist", same, actor=T, note="no change")
+    assert [v.version for v in list_versions(store, "receptionist")] == [1]
+    # A new name alone belongs to the persona: saved, still no version.
+    renamed = save_version(store, "receptionist", {**same, "name": "Front desk"}, actor=T)
+    assert renamed.version == 1 and renamed.name == "Front desk"
+    assert [v.version for v in list_versions(store, "receptionist")] == [1]
+
+
 def test_edits_make_new_versions_and_old_ones_stay_usable(store, settings) -> None:
     v2 = save_version(store, "receptionist", {"system_prompt": "You are a terse receptionist."}, actor=T, note="terse")
     assert v2.version == 2 and v2.note == "terse"
