@@ -478,9 +478,10 @@ def test_a_long_query_does_not_hold_up_other_readers(an: Analytics, data: Datase
     def slow() -> None:
         try:
             an.query(
-                # Long enough for five short queries, each in a worker process of its own (~0.2 s to start).
+                # Long enough for five short queries, each in a worker process of its own (~0.2 s to start), even
+                # on a loaded machine; the test waits for this timeout, so it is not larger than it must be.
                 "select sum(hash(a.range * b.range)) from range(100000) a, range(100000) b",
-                timeout_s=4,
+                timeout_s=12,
                 actor=OP,
             )
         except QueryTimeout as exc:
@@ -522,7 +523,7 @@ def test_dashboard_data_has_every_frame_with_the_right_numbers(an: Analytics, da
         ("ttft_ms", "receptionist", 100): 2, ("ttft_ms", "receptionist", 200): 1, ("ttft_ms", "receptionist", 400): 1,
         ("ttft_ms", "support", 300): 1,
         ("total_ms", "receptionist", 500): 1, ("total_ms", "receptionist", 700): 1,
-        ("total_ms", "receptionist", 1100): 1, ("total_ms", "receptionist", 5000): 1,  # 7000 ms, capped
+        ("total_ms", "receptionist", 1100): 1, ("total_ms", "receptionist", 7000): 1,  # 7000 ms: its own bucket
         ("total_ms", "support", 900): 1,
     }  # fmt: skip
 

@@ -193,10 +193,57 @@ def test_sql_console_in_the_browser(page: Page, app: RunningApp) -> None:
     expect(page.locator("[data-testid=stAlertContentError]").first).to_contain_text("DROP", ignore_case=True)
     screenshot(page, "12_sql_refused")
 
+    # Ctrl+Enter in the editor runs the query, as the Run button does.
+    editor.fill("select * from (values (1), (2), (3), (4), (5), (6), (7)) t(n)")
+    editor.press("Control+Enter")
+    expect(page.get_by_text(re.compile(r"^7 row\(s\) in [\d,]+ ms"))).to_be_visible()
+    # A canned query loads and runs in one click; so does a view's name in "Views you can query".
+    page.get_by_role("button", name="Turns per persona", exact=True).click()
+    expect(editor).to_have_value(re.compile(r"^select persona, count\(\*\) as turns from turns"))
+    page.get_by_role("tab", name="Views you can query").click()
+    expect(page.locator("[data-testid=stDataFrame]").filter(visible=True).first).to_be_visible()
+    screenshot(page, "12b_sql_views")
+    page.get_by_role("button", name="daily_activity", exact=True).click()
+    expect(editor).to_have_value("select * from daily_activity limit 100")
+    expect(page.get_by_text(re.compile(r"\d+ row\(s\) in [\d,]+ ms"))).to_be_visible()
+    screenshot(page, "12c_sql_view_loaded")
+
+
+def _add_dashboard_turns(database_url: str) -> None:
+    """Two personas' turns from the last hour, one of them 19 s long: the charts have series to colour, a slow
+    bar to show, and one day of data (whose axes once ticked 23:59:59.999)."""
+    from datetime import UTC, datetime, timedelta
+
+    from callbot_core.store import Store
+    from tests.analytics.test_analytics import add_conversation, version_of
+
+    store = Store(database_url)
+    started = datetime.now(UTC) - timedelta(hours=1)
+    try:
+        with store.session() as s:
+            for persona, totals in (("receptionist", [420.0, 650.0, 19_000.0]), ("support", [510.0, 880.0])):
+                turns = [(f"question {i}", started + timedelta(minutes=i), "answer", 120.0 + 40 * i, total, 8, 25.0)
+                         for i, total in enumerate(totals)]  # fmt: skip
+                add_conversation(s, version_of(s, persona), backend="embedded", model="m1", user=None,
+                                 started=started, turns=turns)  # fmt: skip
+    finally:
+        store.dispose()
+
+
+# Each chart's series colours as plotly.js drew them (its resolved trace colours), chart by chart.
+_SERIES_COLOURS_JS = """() => [...document.querySelectorAll('.js-plotly-plot')].map(gd =>
+    gd._fullData.map(t => (t.marker && typeof t.marker.color === 'string' && t.marker.color)
+                          || (t.line && t.line.color) || ''))"""
+# The x tick labels of the charts of daily series.
+_DAILY_TICKS_JS = """() => [...document.querySelectorAll('.js-plotly-plot')]
+    .filter(gd => /per day|over time/.test((gd.layout.title && gd.layout.title.text) || ''))
+    .flatMap(gd => [...gd.querySelectorAll('.xtick text')].map(t => t.textContent))"""
+
 
 def test_dashboard_export_opens_offline(page: Page, app: RunningApp, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import expect
 
+    _add_dashboard_turns(app.database_url)
     sign_in(page, app.base_url)
     page.goto(app.base_url + "/dashboards")
     wait_signed_in(page)
@@ -220,4 +267,16 @@ def test_dashboard_export_opens_offline(page: Page, app: RunningApp, tmp_path) -
     assert report.locator(".main-svg").count() >= 12  # plotly.js ran and drew
     assert requests == [], requests
     report.screenshot(path=str(screenshot(page, "14_dashboard_export").with_name("14_dashboard_export_file.png")))
+
+    # The file draws every series in the colour the page drew it in, and none near-black.
+    expect(page.locator(".js-plotly-plot")).to_have_count(12)
+    on_page, in_file = page.evaluate(_SERIES_COLOURS_JS), report.evaluate(_SERIES_COLOURS_JS)
+    assert in_file == on_page, (in_file, on_page)
+    drawn = [c for chart in in_file for c in chart]
+    assert len(drawn) >= 10 and all(c.startswith("#") and max(int(c[i : i + 2], 16) for i in (1, 3, 5)) >= 0x40
+                                    for c in drawn), drawn  # fmt: skip
+    # One day of data: the daily charts tick by day, not by the millisecond.
+    for where in (report, page):
+        ticks = where.evaluate(_DAILY_TICKS_JS)
+        assert ticks and not [t for t in ticks if ":" in t], ticks
     offline.close()
