@@ -161,7 +161,10 @@ def main() -> None:
     _cap_address_space(request["address_space"])
     connections = [conn]
 
+    interrupted = threading.Event()
+
     def interrupt() -> None:
+        interrupted.set()
         for c in list(connections):
             c.interrupt()
 
@@ -175,7 +178,10 @@ def main() -> None:
     except (duckdb.OutOfMemoryException, MemoryError) as exc:
         _send(out, "error", {"kind": "memory", "type": type(exc).__name__, "message": _first_line(exc)})
     except duckdb.Error as exc:
-        _send(out, "error", {"kind": "failed", "type": type(exc).__name__, "message": _first_line(exc)})
+        # An export interrupted mid-stream surfaces as the stream's error ("arrow_scan: … INTERRUPT"), not as an
+        # InterruptException: what the timer did decides what it was.
+        kind = "timeout" if interrupted.is_set() else "failed"
+        _send(out, "error", {"kind": kind, "type": type(exc).__name__, "message": _first_line(exc)})
     finally:
         timer.cancel()
         conn.close()
