@@ -6,8 +6,10 @@ the only route that answers without it.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 # Streamlit puts this folder on sys.path, not the project root; the pages import `app.common`.
@@ -32,7 +34,11 @@ COOKIE_NAME = "callbot_auth"
 # This browser session's store session token (`callbot_core.access.sessions`); the cookie carries it across reloads.
 SESSION_KEY = "cb_session_token"
 DEAD_COOKIE_KEY = "cb_dead_cookie"
+# A sign-in cookie this browser session has asked the browser to store and the browser has not yet confirmed.
+PENDING_COOKIE_KEY = "cb_cookie_pending"
 WANTED_PAGE = "cb_wanted_page"
+# Set once this browser tab has been sent the signed-in navigation, which it keeps showing until it is sent another.
+NAVIGATION_KEY = "cb_navigation_drawn"
 # streamlit-authenticator waits this long before showing the form so its cookie component can report a
 # saved sign-in; its 0.7 s default makes every fresh page load feel slow.
 LOGIN_SLEEP_S = 0.3
@@ -82,6 +88,35 @@ class StoreSessionCookie(CookieModel):
         st.session_state[SESSION_KEY] = claims["sid"]
         self._admit(user)
         return {"username": user.username, "exp_date": claims.get("exp_date")}
+
+    def set_cookie(self) -> None:
+        """Called by the library in the run that signs in from the form. The browser stores the cookie only once the
+        cookie component on the page has loaded, and a rerun before then (another component answering, as the
+        cookie reader does in a tab that signed out and in again) takes the component off the page with the cookie
+        unwritten. So the cookie is only recorded here and drawn by `write_pending` until the browser confirms it."""
+        if not self.cookie_expiry_days:
+            return
+        self.exp_date = self._set_exp_date()
+        token = self._token_encode()
+        st.session_state[PENDING_COOKIE_KEY] = {
+            "token": token,
+            "expires_at": datetime.now() + timedelta(days=self.cookie_expiry_days),
+            # One component per cookie: its answer (True once stored) is this cookie's confirmation and no other's.
+            "key": "cb_set_cookie_" + hashlib.sha256(token.encode()).hexdigest()[:16],
+        }
+
+    def write_pending(self) -> None:
+        """Draw the cookie component that stores the pending sign-in cookie, on every run until it answers that the
+        browser has stored it. The same key and arguments each run keep the same component on the page."""
+        pending = st.session_state.get(PENDING_COOKIE_KEY)
+        if not pending:
+            return
+        if st.session_state.get(pending["key"]) is True:
+            del st.session_state[PENDING_COOKIE_KEY]
+            return
+        self.cookie_manager.set(
+            self.cookie_name, pending["token"], key=pending["key"], expires_at=pending["expires_at"]
+        )
 
     def _token_encode(self) -> str:
         payload = {"username": st.session_state["username"], "sid": st.session_state[SESSION_KEY],
@@ -179,12 +214,35 @@ def _remember_wanted_page() -> None:
 PAGE_PATHS = (
     "chat", "compare", "conversations", "personas", "analytics", "dashboards", "leaderboard", "reports", "admin",
 )  # fmt: skip
+
+
+def _sign_in_page() -> None:
+    """Never run: the sign-in form is drawn before the navigation (see `_signed_out_navigation`)."""
+
+
+def _signed_out_navigation() -> None:
+    """In a tab that has shown the signed-in navigation (and signed out since), replace it with one listing nothing:
+    the browser keeps showing the last navigation it was sent, so the previous user's pages would stay listed.
+
+    Every page path stays a (hidden) page, so the tab keeps its address and opens that page after the next sign-in.
+    Hidden pages rather than a hidden navigation, under which the browser keeps an emptied sidebar open. A tab that
+    never signed in is sent no navigation: its first rerun can come before it has said which page it asked for,
+    and a navigation would then move a deep link's address to the first page (`_remember_wanted_page` keeps it).
+    """
+    if not st.session_state.get(NAVIGATION_KEY):
+        return
+    signed_out = [st.Page(_sign_in_page, title="Sign in", url_path="sign-in", default=True, visibility="hidden")]
+    signed_out += [st.Page(_sign_in_page, title="Sign in", url_path=p, visibility="hidden") for p in PAGE_PATHS]
+    st.navigation(signed_out)
+
+
 if not st.session_state.get("authentication_status"):
     _remember_wanted_page()
 
 user, authenticator = _signed_in_user()
 if user is None:
     st.session_state.pop(USER_KEY, None)
+    _signed_out_navigation()
     st.stop()
 st.session_state[USER_KEY] = user
 
@@ -214,13 +272,21 @@ with st.sidebar:
         callback=lambda _: sessions.end(store(), st.session_state.get(SESSION_KEY), client_addr=client_addr()),
     )
     if not st.session_state.get("authentication_status"):
-        # Keep the library's `logout` flag (it stops the cookie signing the user straight back in) and
-        # stop rather than rerun, so the cookie component can delete the cookie in the browser.
-        for key in [k for k in st.session_state if k != "logout"]:
+        # Keep the library's `logout` flag (it stops the cookie signing the user straight back in) and the mark that
+        # this tab shows a navigation (now replaced), and stop rather than rerun, so the cookie component can delete
+        # the cookie in the browser.
+        for key in [k for k in st.session_state if k not in ("logout", NAVIGATION_KEY)]:
             del st.session_state[key]
+        _signed_out_navigation()
         st.stop()
+    # After the sign-out button, so a sign-out never draws a cookie write next to the cookie's deletion; in the
+    # sidebar, whose first elements are the same on every page, so the component is not redrawn between runs.
+    cookie_model = authenticator.cookie_controller.cookie_model
+    if isinstance(cookie_model, StoreSessionCookie):
+        cookie_model.write_pending()
 
 current = st.navigation(pages)
+st.session_state[NAVIGATION_KEY] = True
 wanted = st.session_state.pop(WANTED_PAGE, None)
 target = next((p for p in pages if p.url_path == wanted), None)
 if target is not None and target.url_path != current.url_path:

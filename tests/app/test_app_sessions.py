@@ -7,6 +7,7 @@ fresh page load. Everything between them is the app's own code.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import extra_streamlit_components as stx
 import jwt
 import pytest
+import streamlit as st
 from streamlit.runtime.context import ContextProxy, StreamlitCookies
 from streamlit.testing.v1 import AppTest
 
@@ -70,6 +72,35 @@ def browser(monkeypatch: pytest.MonkeyPatch, app_store: Store) -> Iterator[Brows
     monkeypatch.setattr(stx.CookieManager, "delete", recording_delete)
     monkeypatch.setattr(ContextProxy, "cookies", property(lambda self: StreamlitCookies(dict(browser.sent))))
     yield browser
+
+
+@pytest.fixture
+def navigations(monkeypatch: pytest.MonkeyPatch) -> list[list[st.Page]]:
+    """Every navigation the app sends, in order: a browser shows the last one it was sent until it gets another."""
+    sent: list[list[st.Page]] = []
+    original = st.navigation
+
+    def recording(pages, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sent.append(list(pages))
+        return original(pages, *args, **kwargs)
+
+    monkeypatch.setattr(st, "navigation", recording)
+    return sent
+
+
+def _listed(pages: list[st.Page]) -> list[str]:
+    return [p.title for p in pages if p.visibility == "visible"]
+
+
+def _cookie_writes(at: AppTest) -> list[tuple[str, str]]:
+    """The sign-in cookie writes on the page, as (the cookie component's key, the cookie). A browser stores the
+    cookie only once that component has loaded, and drops it unwritten if a rerun takes it off the page before."""
+    writes = []
+    for element in at.get("component_instance"):
+        args = json.loads(element.proto.json_args)
+        if args.get("method") == "set" and args.get("cookie") == COOKIE:
+            writes.append((element.proto.id.split("-", 2)[2], args["value"]))  # the id is "$$ID-<hash>-<key>"
+    return writes
 
 
 def _signed_in(at: AppTest) -> bool:
@@ -209,3 +240,57 @@ def test_admin_actions_end_the_users_sessions(app_store: Store, browser: Browser
     admin.run()
     assert titles(sign_in("nico", "another-pass-9")) == ["Chat"]
     assert not admin.exception and titles(admin) == ["Admin"]  # the admin's own session went on throughout
+
+
+def test_signing_in_again_in_the_same_tab_writes_the_cookie(browser: Browser) -> None:
+    at = sign_in("rita", PW)
+    first = browser.jar[COOKIE]
+    button(at, "Sign out").click()
+    at.run()
+    at.run()  # the rerun the cookie component triggers once it has deleted the cookie
+    assert _sign_in_form_shown(at) and COOKIE not in browser.jar
+    at.text_input[0].input("rita")
+    at.text_input[1].input(PW)
+    at.button[0].click()
+    at.run()
+    assert titles(at) == ["Chat"]
+    # In that tab the cookie reader answers (the cookie it read is gone) and reruns the script before the component
+    # writing the new cookie has loaded: the rerun must keep the write on the page, or it is never made.
+    at.run()
+    writes = _cookie_writes(at)
+    assert len(writes) == 1 and writes[0][1] not in (first, None)
+    key, cookie = writes[0]
+    reload = browser.load(cookie)
+    assert _signed_in(reload) and titles(reload) == ["Chat"]  # the new cookie carries the new, live session
+    at.session_state[key] = True  # the component's answer: the browser has stored the cookie
+    at.run()
+    assert _cookie_writes(at) == [] and titles(at) == ["Chat"]  # written once; a sign-out never races a stale write
+
+
+def test_a_tab_that_signed_out_lists_none_of_the_previous_users_pages(
+    browser: Browser, navigations: list[list[st.Page]]
+) -> None:
+    at = sign_in("admin", ADMIN_PW)
+    assert "Admin" in _listed(navigations[-1])
+    sent = len(navigations)
+    button(at, "Sign out").click()
+    at.run()
+    # The sign-out run itself replaces the navigation: the browser keeps showing the last one it was sent.
+    assert len(navigations) == sent + 1 and _listed(navigations[-1]) == []
+    at.run()
+    assert _sign_in_form_shown(at) and _listed(navigations[-1]) == []
+    # Each page's address stays (hidden), so the tab keeps its place and opens it after the next sign-in.
+    assert {p.url_path for p in navigations[-1]} >= {"chat", "conversations", "admin"}
+    at.text_input[0].input("vera")
+    at.text_input[1].input(PW)
+    at.button[0].click()
+    at.run()
+    assert titles(at) == ["Conversations"] and "Admin" not in _listed(navigations[-1])
+
+
+def test_a_tab_that_never_signed_in_is_sent_no_navigation(browser: Browser, navigations: list[list[st.Page]]) -> None:
+    # Its first rerun can come before the browser has said which page it asked for: a navigation would move a deep
+    # link's address to the first page. The sign-in form alone, and the address stays as it was.
+    at = browser.load(None)
+    at.run()
+    assert _sign_in_form_shown(at) and navigations == []
