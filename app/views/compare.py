@@ -1,4 +1,9 @@
-"""Compare: send the same caller turns to 2-4 persona versions or parameter variants, side by side, and vote."""
+"""Compare: send the same caller turns to 2-4 persona versions or parameter variants, side by side, and vote.
+
+Replies stream into their columns: one column after another when the variants share a serial backend (the
+embedded model answers one request at a time, so each TTFT stays the variant's own), all at once otherwise. A
+blind comparison's columns are shuffled when it starts and named only A, B, … until you vote on a turn.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +26,15 @@ from callbot_core.experiments.comparisons import (
     MAX_VARIANTS,
     MIN_VARIANTS,
     ComparisonDetail,
+    ComparisonRun,
     Variant,
+    VariantInfo,
+    VariantReply,
     get_comparison,
     list_comparisons,
-    send_turn,
+    running_order,
     start_comparison,
+    stream_turn,
     vote,
 )
 from callbot_core.personas.catalog import persona_catalog
@@ -53,9 +62,10 @@ def _setup() -> None:
         )
         variants: list[Variant] = []
         for i, column in enumerate(st.columns(int(count))):
-            label = chr(ord("A") + i)
             with column:
-                st.markdown(f"**Variant {label}**")
+                # Numbers, not letters: a blind comparison shuffles its columns, so "Variant A" there need not be
+                # the first one set up here.
+                st.markdown(f"**Variant {i + 1}**")
                 choice = persona_picker(catalog, key=f"compare_persona_{i}")
                 version = version_picker(choice.versions, key=f"compare_version_{i}_{choice.key}")
                 temperature = st.number_input(
@@ -75,7 +85,9 @@ def _setup() -> None:
         model = model_picker(backend, key=f"compare_model_{backend}", where=c2)
         title = c3.text_input("Title (optional)", key="compare_title", max_chars=200)
         blind = st.toggle(
-            "Blind", key="compare_blind", help="Hide which variant is which until you have voted on a turn"
+            "Blind",
+            key="compare_blind",
+            help="Shuffle the columns and name them only A, B, … until you have voted on a turn",
         )
         if st.button("Start comparison", type="primary", disabled=model is None, key="compare_start"):
             try:
@@ -105,6 +117,46 @@ def _setup() -> None:
                 st.rerun()
 
 
+def _header(detail: ComparisonDetail, variant: VariantInfo, revealed: bool) -> str:
+    """A column's title: only its label while blind and not yet voted on, so the vote rests on the text."""
+    header = f"Variant {variant.label}"
+    if revealed:
+        header += f" · {variant.describe()}"
+        if detail.blind:
+            header += f" · set up as variant {variant.setup_position + 1}"
+    return header
+
+
+def _names(variants: list[VariantInfo]) -> str:
+    labels = [f"Variant {v.label}" for v in variants]
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def _running_note(groups: list[list[VariantInfo]]) -> str:
+    """How a turn runs the variants, and so whether their latencies compare as they are."""
+    serial = [g for g in groups if len(g) > 1]
+    if not serial:
+        return ":green-badge[at the same time] Every variant gets each turn at the same time."
+    group = serial[0]
+    backend = group[0].backend
+    note = (
+        f":orange-badge[one after another] {_names(group)} run one after another, in column order: {backend} "
+        "answers one request at a time, so no TTFT includes a wait for another variant"
+    )
+    rest = [v for g in groups if g is not group for v in g]
+    note += f"; {_names(rest)} at the same time." if rest else "."
+    # Seen here on the embedded model, one persona in both columns: 2.3 s TTFT for the first, 0.13 s for the second.
+    return note + " A later column may find the prompt they share already evaluated, which shortens its TTFT."
+
+
+def _reply_metrics(reply: VariantReply) -> None:
+    if reply.error:
+        st.caption(f":red-badge[failed] {safe_markdown(reply.error)}")
+        return
+    chips = metric_chips(reply.ttft_ms, reply.tokens_per_s, reply.completion_tokens, reply.total_ms)
+    st.markdown(f"{chips} :gray-badge[{reply.words} words]")
+
+
 def _show(detail: ComparisonDetail) -> None:
     """Every turn: the caller's text, then one column per variant with its reply, metrics and vote button."""
     for turn in detail.turns:
@@ -114,32 +166,84 @@ def _show(detail: ComparisonDetail) -> None:
         chosen = detail.vote_of(turn.index, user.id)
         for variant, reply, column in zip(detail.variants, turn.replies, st.columns(len(detail.variants)), strict=True):
             with column, st.container(border=True):
-                # Blind: only the label until this user has voted on this turn, so the vote rests on the text.
-                header = f"Variant {variant.label}"
-                if revealed:
-                    header += f" · {variant.describe()}"
                 st.markdown(
-                    f"**{safe_markdown(header)}**" + (" :violet-badge[preferred]" if chosen == variant.id else "")
+                    f"**{safe_markdown(_header(detail, variant, revealed))}**"
+                    + (" :violet-badge[preferred]" if chosen == variant.id else "")
                 )
                 if reply is None:
                     st.caption("No reply: this turn was not sent to this variant.")
                     continue
-                if reply.error:
-                    st.caption(f":red-badge[failed] {safe_markdown(reply.error)}")
-                else:
+                if not reply.error:
                     st.markdown(safe_markdown(reply.text))
-                    chips = metric_chips(reply.ttft_ms, reply.tokens_per_s, reply.completion_tokens, reply.total_ms)
-                    st.markdown(f"{chips} :gray-badge[{reply.words} words]")
-                    if st.button(
-                        f"Prefer {variant.label}",
-                        key=f"compare_vote_{detail.id}_{turn.index}_{variant.id}",
-                        disabled=chosen == variant.id,
-                    ):
-                        try:
-                            vote(store(), detail.id, turn.index, variant.id, actor=user)
-                        except CallbotError as exc:
-                            st.session_state[NOTICE] = str(exc)
-                        st.rerun()
+                _reply_metrics(reply)
+                if not reply.error and st.button(
+                    f"Prefer {variant.label}",
+                    key=f"compare_vote_{detail.id}_{turn.index}_{variant.id}",
+                    disabled=chosen == variant.id,
+                ):
+                    try:
+                        vote(store(), detail.id, turn.index, variant.id, actor=user)
+                    except CallbotError as exc:
+                        st.session_state[NOTICE] = str(exc)
+                    st.rerun()
+
+
+def _status(run: ComparisonRun, done: set[int]) -> str:
+    """The status line of a turn in progress: which variants run, how, and which have answered."""
+    waiting = [v for v in run.variants if v.id not in done]
+    if run.serial:
+        order = ", then ".join(f"Variant {v.label}" for v in run.variants)
+        now = f"Variant {waiting[0].label} is answering…" if waiting else "Every variant has answered."
+        return f"Asking {order}, one after another: {now}"
+    asked = f"Asking {_names(run.variants)} at the same time"
+    return f"{asked}: " + (f"waiting for {_names(waiting)}…" if waiting else "every variant has answered.")
+
+
+def _stream(detail: ComparisonDetail, text: str) -> None:
+    """Send one caller turn to every variant and show the replies as they stream, each in its column."""
+    # Shown before anything runs: preparing the turns may load the model first.
+    with st.chat_message("user"):
+        st.markdown(safe_markdown(text))
+    status = st.empty()
+    status.caption(f"Sending the turn to {_names(detail.variants)}…")
+    try:
+        run = stream_turn(svc, detail.id, text, actor=user)
+    except InvalidInput as exc:
+        status.empty()
+        st.warning(safe_markdown(f"Not sent: {exc}"))
+        return
+    except CallbotError as exc:
+        status.empty()
+        st.error(safe_markdown(str(exc)))
+        return
+    # `with`: a turn cut short (a new message, Stop, a closed tab stop this script) stores every variant's turn
+    # as interrupted at once, with the caller's message kept.
+    with run:
+        done: set[int] = set()
+        status.caption(_status(run, done))
+        slots = {}
+        for variant, column in zip(run.variants, st.columns(len(run.variants)), strict=True):
+            with column, st.container(border=True):
+                st.markdown(f"**{safe_markdown(_header(detail, variant, not detail.blind))}**")
+                text_slot, metrics_slot = st.empty(), st.empty()
+                later = run.serial and variant.id != run.variants[0].id
+                text_slot.caption("Waiting for its turn…" if later else "Waiting for the first words…")
+                slots[variant.id] = (text_slot, metrics_slot)
+        texts = {v.id: "" for v in run.variants}
+        for event in run:
+            text_slot, metrics_slot = slots[event.variant_id]
+            if event.reply is None:
+                # Made safe as a whole after each piece, as Chat does (app.common.write_markdown_stream).
+                texts[event.variant_id] += event.piece
+                text_slot.markdown(safe_markdown(texts[event.variant_id]))
+                continue
+            done.add(event.variant_id)
+            if event.reply.error:
+                text_slot.empty()
+            with metrics_slot.container():
+                _reply_metrics(event.reply)
+            status.caption(_status(run, done))
+    st.rerun()  # the stored turn, with its vote buttons
 
 
 cid = st.session_state.get(CMP)
@@ -162,6 +266,12 @@ top[0].caption(
     + f" · {len(detail.variants)} variants"
     + (" · blind" if detail.blind else "")
 )
+top[0].caption(safe_markdown(_running_note(running_order(svc, detail.variants))))
+if detail.blind:
+    top[0].caption(
+        "Blind: the columns were shuffled when the comparison started. A column shows its persona and parameters "
+        "once you have voted on that turn."
+    )
 if top[1].button("New comparison", key="compare_new"):
     st.session_state.pop(CMP, None)
     st.rerun()
@@ -170,19 +280,10 @@ notice = st.session_state.pop(NOTICE, None)
 if notice:
     st.error(safe_markdown(notice))
 
-_show(detail)
-if not detail.turns:
-    st.info("Type a caller turn below: every variant gets the same text at once.")
-
+# Pinned to the bottom wherever it is called; asked first so the hint below goes once a turn is on its way.
 prompt = st.chat_input("Say the same thing to every variant", key="compare_input")
+_show(detail)
+if not detail.turns and not prompt:
+    st.info("Type a caller turn below: every variant gets the same text.")
 if prompt:
-    with st.spinner("Waiting for every variant…"):
-        try:
-            send_turn(svc, detail.id, prompt, actor=user)
-        except InvalidInput as exc:
-            st.warning(f"Not sent: {exc}")
-            st.stop()
-        except CallbotError as exc:
-            st.error(str(exc))
-            st.stop()
-    st.rerun()
+    _stream(detail, prompt)

@@ -1,14 +1,19 @@
 """Side by side: the same caller turns sent to 2-4 persona versions or parameter variants at once.
 
 Each variant is an ordinary stored conversation (so transcripts, analytics and exports see it like any
-other), linked to one `Comparison` row. A turn goes to every variant concurrently; the user then marks
-the reply they prefer, and in blind mode the page hides which variant is which until they have voted.
+other), linked to one `Comparison` row. A turn goes to every variant concurrently, except that variants on a
+serial backend (the embedded model) run one after another so that their latencies can be compared; the user
+then marks the reply they prefer. A blind comparison shuffles its columns once, when it starts (Variant A is
+not always the first variant set up), and the page hides which variant is which until the user has voted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import logging
+import queue
+import random
+import threading
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -41,6 +46,10 @@ MAX_VARIANTS = 4
 LABELS = ("A", "B", "C", "D")
 # The sampling settings a variant may override (their ranges are in personas/fields.py).
 PARAM_KEYS = tuple(FIELDS)
+# Shuffles blind comparisons' columns: the OS's randomness, so no seed or earlier comparison predicts an order.
+_SHUFFLE = random.SystemRandom()
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +64,7 @@ class Variant:
 @dataclass(frozen=True, slots=True)
 class VariantInfo:
     id: int
-    position: int
+    position: int  # the column, label A first
     label: str
     conversation_id: int
     persona_key: str
@@ -64,6 +73,8 @@ class VariantInfo:
     model: str
     params: dict[str, Any]
     votes: int = 0
+    # Where it was in the list the comparison was started with (0 first); equals `position` unless blind.
+    setup_position: int = 0
 
     @property
     def ref(self) -> str:
@@ -200,6 +211,7 @@ def _variant_info(variant: ComparisonVariant, conversation: Conversation, versio
         backend=conversation.backend,
         model=conversation.model,
         params=dict(variant.params or {}),
+        setup_position=variant.setup_position,
     )
 
 
@@ -215,11 +227,14 @@ def start_comparison(
     blind: bool = False,
     backend: str | None = None,
     model: str | None = None,
+    rng: random.Random | None = None,
 ) -> ComparisonInfo:
     """Open one stored conversation per variant and link them to a new comparison created by `actor`.
 
-    Everything that can be refused (permission, count, persona refs, parameters) is checked before anything is
-    stored; if opening a conversation still fails, the ones already opened are removed again.
+    Everything that can be refused (permission, count, persona refs, parameters, two variants that are the same)
+    is checked before anything is stored; if opening a conversation still fails, the ones already opened are
+    removed again. A blind comparison shuffles the variants into its columns (with `rng`, the OS's randomness
+    unless given) and names the columns A, B, … itself; an open one keeps them in the order given.
     """
     require(actor, "compare")
     user_id = getattr(actor, "id", None)
@@ -231,29 +246,40 @@ def start_comparison(
     checked = [validate_params(v.params) for v in variants]
     store = service.store
     with store.session() as session:
-        for variant in variants:
-            get_persona_version(session, variant.persona_ref)  # raises NotFound / InvalidInput naming the ref
-    labels = [(v.label or "").strip()[:40] or LABELS[i] for i, v in enumerate(variants)]
+        # Raises NotFound / InvalidInput naming the ref.
+        versions = [get_persona_version(session, variant.persona_ref) for variant in variants]
+        _refuse_identical(service, versions, checked, backend, model)
+    if blind and any((v.label or "").strip() for v in variants):
+        raise InvalidInput(
+            "A blind comparison names its variants A, B, … itself: a label of your own would tell them apart"
+        )
+    blind = bool(blind)
+    # order[position] = the index the variant had in `variants`: the column it is shown in, shuffled when blind.
+    order = list(range(len(variants)))
+    if blind:
+        (rng or _SHUFFLE).shuffle(order)
+    labels = [(variants[i].label or "").strip()[:40] or LABELS[position] for position, i in enumerate(order)]
     if len(set(labels)) != len(labels):
         raise InvalidInput(f"Variant labels must differ, got {', '.join(labels)}")
 
-    opened: list[int] = []
+    opened: list[int] = []  # in column order
     try:
-        for variant in variants:
-            info = service.start(variant.persona_ref, actor=actor, backend=backend, model=model, channel="text")
+        for i in order:
+            info = service.start(variants[i].persona_ref, actor=actor, backend=backend, model=model, channel="text")
             opened.append(info.id)
         with store.session() as session:
-            comparison = Comparison(title=title, created_by=user_id, blind=bool(blind))
+            comparison = Comparison(title=title, created_by=user_id, blind=blind)
             session.add(comparison)
             session.flush()
-            for position, (cid, label, params) in enumerate(zip(opened, labels, checked, strict=True)):
+            for position, (i, cid, label) in enumerate(zip(order, opened, labels, strict=True)):
                 session.add(
                     ComparisonVariant(
                         comparison_id=comparison.id,
                         position=position,
+                        setup_position=i,
                         label=label,
                         conversation_id=cid,
-                        params=params or None,
+                        params=checked[i] or None,
                     )
                 )
             audit.record(
@@ -263,10 +289,10 @@ def start_comparison(
                 target=f"comparison#{comparison.id}",
                 detail={
                     "variants": [
-                        {"label": lb, "persona": v.persona_ref, "params": p}
-                        for lb, v, p in zip(labels, variants, checked, strict=True)
+                        {"label": lb, "persona": variants[i].persona_ref, "params": checked[i], "setup": i}
+                        for lb, i in zip(labels, order, strict=True)
                     ],
-                    "blind": bool(blind),
+                    "blind": blind,
                 },
             )
             comparison_id = comparison.id
@@ -283,6 +309,31 @@ def start_comparison(
     return ComparisonInfo(detail.id, detail.title, detail.blind, detail.created_at, detail.variants)
 
 
+def _refuse_identical(
+    service: ConversationService,
+    versions: Sequence[PersonaVersion],
+    params: Sequence[dict[str, Any]],
+    backend: str | None,
+    model: str | None,
+) -> None:
+    """Refuse two variants that would run the same thing: the same persona version with the same sampling (the
+    overrides on top of the version's own, so `temperature=0.5` on a version whose own is 0.5 is no change) on the
+    same backend and model. Their columns could differ only by chance, and a blind vote between them means nothing.
+    """
+    seen: dict[tuple[Any, ...], int] = {}
+    for n, (version, overrides) in enumerate(zip(versions, params, strict=True), start=1):
+        runs_on = backend or version.backend or service.settings.llm_backend
+        key = (version.id, params_for(version, overrides), runs_on, model or version.model)
+        first = seen.setdefault(key, n)
+        if first != n:
+            ref = f"{version.persona.key}@{version.version}"
+            raise InvalidInput(
+                f"Variants {first} and {n} are the same: {ref} with the same parameters on {runs_on}"
+                + (f" · {model or version.model}" if model or version.model else "")
+                + ". Change the persona, the version or a parameter of one of them"
+            )
+
+
 # -- turns --------------------------------------------------------------------------------------
 
 
@@ -292,24 +343,67 @@ class _Job:
     params: GenerationParams
 
 
-def _run_variant(service: ConversationService, job: _Job, text: str, actor: Actor) -> VariantReply:
-    """Run one variant's turn to the end; a failure becomes this variant's reply, not an exception."""
-    turn: TurnStream | None = None
+@dataclass(frozen=True, slots=True)
+class ReplyEvent:
+    """One step of a comparison turn as it streams: the next `piece` of a variant's reply, or (`reply` set) that
+    variant's end, stored."""
+
+    variant_id: int
+    piece: str = ""
+    reply: VariantReply | None = None
+
+
+def _serial(service: ConversationService, backend: str) -> bool:
+    try:
+        return runs_serially(service.backend(backend))
+    except CallbotError:  # a backend that cannot be had fails in its own variant's turn, stored there
+        return False
+
+
+def running_order(service: ConversationService, variants: Sequence[VariantInfo]) -> list[list[VariantInfo]]:
+    """How a turn runs `variants`: each group one after another, the groups side by side.
+
+    Variants on a serial backend (the embedded model answers one request at a time) form one group, in column
+    order, so each one's TTFT is its own and not a wait for another's turn; every other variant is a group of its
+    own, run at the same time as the rest.
+    """
+    serial_backends = {b for b in {v.backend for v in variants} if _serial(service, b)}
+    serial = [v for v in variants if v.backend in serial_backends]
+    return ([serial] if serial else []) + [[v] for v in variants if v.backend not in serial_backends]
+
+
+def _failed_reply(info: VariantInfo, error: str) -> VariantReply:
+    return VariantReply(info.id, info.label, "", None, None, None, 0, error)
+
+
+def _stream_one(
+    info: VariantInfo, stream: TurnStream | str, cancel: threading.Event | None
+) -> Generator[ReplyEvent, None, VariantReply]:
+    """Run one variant's turn, yielding its pieces; a failure becomes this variant's reply, not an exception.
+
+    `stream` is the error text when the turn could not even start. A set `cancel` stops reading: the turn is then
+    stored as interrupted, as is one whose reader stops (closes this generator).
+    """
+    if isinstance(stream, str):
+        return _failed_reply(info, stream)
     error: str | None = None
     try:
-        turn = service.send(job.info.conversation_id, text, params=job.params, actor=actor)
-        turn.text()
+        with stream:  # a reply not read to the end is stored as interrupted when the block is left
+            for piece in stream:
+                yield ReplyEvent(info.id, piece)
+                if cancel is not None and cancel.is_set():
+                    break
     except CallbotError as exc:
         error = str(exc)
     except Exception as exc:  # a bug in one backend must not take the other columns down with it
         error = f"{type(exc).__name__}: {exc}"
-    result = turn.result if turn is not None else None
+    result = stream.result
     if result is None:
-        return VariantReply(job.info.id, job.info.label, "", None, None, None, 0, error or "the turn did not run")
+        return _failed_reply(info, error or "the turn did not run")
     reply_text = result.text if result.error is None and error is None else ""
     return VariantReply(
-        variant_id=job.info.id,
-        label=job.info.label,
+        variant_id=info.id,
+        label=info.label,
         text=reply_text,
         ttft_ms=result.ttft_ms,
         tokens_per_s=result.tokens_per_s,
@@ -320,23 +414,140 @@ def _run_variant(service: ConversationService, job: _Job, text: str, actor: Acto
     )
 
 
-def _run_chain(service: ConversationService, jobs: list[_Job], text: str, actor: Actor) -> list[VariantReply]:
-    return [_run_variant(service, job, text, actor) for job in jobs]
+def _one_after_another(
+    group: Sequence[VariantInfo],
+    streams: dict[int, TurnStream | str],
+    replies: dict[int, VariantReply],
+    cancel: threading.Event | None,
+) -> Iterator[ReplyEvent]:
+    for info in group:
+        if cancel is not None and cancel.is_set():
+            return
+        reply = yield from _stream_one(info, streams[info.id], cancel)
+        replies[info.id] = reply
+        yield ReplyEvent(info.id, reply=reply)
 
 
-def _serial(service: ConversationService, backend: str) -> bool:
+_GROUP_DONE = object()
+
+
+def _side_by_side(
+    groups: Sequence[Sequence[VariantInfo]],
+    streams: dict[int, TurnStream | str],
+    replies: dict[int, VariantReply],
+) -> Iterator[ReplyEvent]:
+    """Run each group in a thread of its own and yield their events as they come.
+
+    When the reader stops early, the groups stop reading at their next piece (storing those turns as
+    interrupted) and are waited for, so every turn's end is stored when this generator is closed.
+    """
+    events: queue.SimpleQueue[object] = queue.SimpleQueue()
+    cancel = threading.Event()
+
+    def work(group: Sequence[VariantInfo]) -> None:
+        steps = _one_after_another(group, streams, replies, cancel)
+        try:
+            for event in steps:
+                events.put(event)
+        except Exception:  # a bug here must not leave the reader waiting forever
+            log.exception("A comparison group failed")
+        finally:
+            steps.close()
+            events.put(_GROUP_DONE)
+
+    threads = [
+        threading.Thread(target=work, args=(group,), name=f"compare-{n}", daemon=True) for n, group in enumerate(groups)
+    ]
+    for thread in threads:
+        thread.start()
     try:
-        return runs_serially(service.backend(backend))
-    except CallbotError:  # a backend that cannot be had fails in its own variant's turn, stored there
-        return False
+        running = len(threads)
+        while running:
+            event = events.get()
+            if event is _GROUP_DONE:
+                running -= 1
+            else:
+                yield event  # type: ignore[misc]
+    finally:
+        cancel.set()
+        for thread in threads:
+            thread.join()
 
 
-def send_turn(service: ConversationService, comparison_id: int, text: object, *, actor: Actor) -> list[VariantReply]:
-    """Send the same user text to every variant at once; replies come back in variant order.
+class ComparisonRun:
+    """One caller turn sent to every variant of a comparison; iterate it for `ReplyEvent`s as the replies stream.
 
-    The text is validated once, before anything is stored. Remote backends run truly in parallel;
-    variants on a serialising backend (the embedded model) run one after another in one worker, so each
-    variant's TTFT is measured from its own start rather than including the wait for another's turn.
+    Every variant's caller message is stored already (`stream_turn` did that), so the variants' turns stay aligned
+    by index whatever happens next. Groups from `running_order` run side by side in threads; a comparison that is
+    one group (its variants share a serial backend) runs in the reader's own thread, one column after another.
+    Read it to the end, or leave it with `with` / `close()`: every turn not finished is then stored as interrupted.
+    """
+
+    def __init__(
+        self,
+        comparison_id: int,
+        user_text: str,
+        variants: list[VariantInfo],
+        groups: list[list[VariantInfo]],
+        streams: dict[int, TurnStream | str],
+    ) -> None:
+        self.comparison_id = comparison_id
+        self.user_text = user_text
+        self.variants = variants  # in column order
+        self.groups = groups
+        self._streams = streams
+        self._replies: dict[int, VariantReply] = {}
+        self._events: Iterator[ReplyEvent] | None = None
+
+    @property
+    def serial(self) -> bool:
+        """Whether the variants run one after another (they share a serial backend), not at the same time."""
+        return len(self.groups) == 1 and len(self.groups[0]) > 1
+
+    @property
+    def replies(self) -> list[VariantReply]:
+        """Every variant's reply in column order; one not finished (the run was left early) says so."""
+        return [self._replies.get(v.id) or _failed_reply(v, "the turn did not run to the end") for v in self.variants]
+
+    def __iter__(self) -> Iterator[ReplyEvent]:
+        if self._events is None:
+            if len(self.groups) == 1:
+                self._events = _one_after_another(self.groups[0], self._streams, self._replies, None)
+            else:
+                self._events = _side_by_side(self.groups, self._streams, self._replies)
+        return self._events
+
+    def __next__(self) -> ReplyEvent:
+        return next(iter(self))
+
+    def close(self) -> None:
+        """Stop: every turn not read to the end (or not started) is stored as interrupted. Harmless when done."""
+        if self._events is not None:
+            self._events.close()  # type: ignore[attr-defined]
+        for stream in self._streams.values():
+            if not isinstance(stream, str):
+                stream.close()
+
+    def __enter__(self) -> ComparisonRun:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # the exception already on its way out says more
+            log.exception("Storing the interrupted turns of comparison %s failed", self.comparison_id)
+
+
+def stream_turn(service: ConversationService, comparison_id: int, text: object, *, actor: Actor) -> ComparisonRun:
+    """Send the same caller text to every variant; iterate the returned run for the replies as they stream.
+
+    The text is validated once, and every variant's conversation checked, before anything is stored; then each
+    variant's caller message is stored (`ConversationService.send`), in column order. A variant whose turn cannot
+    start gets its error as its reply. Variants on a serial backend run one after another, in column order (see
+    `running_order`); the others run at the same time.
     """
     require(actor, "compare")
     user_text = clean_message(text, max_chars=service.settings.max_message_chars)
@@ -352,13 +563,35 @@ def send_turn(service: ConversationService, comparison_id: int, text: object, *,
             jobs.append(_Job(info, params_for(version, info.params)))
     if not jobs:
         raise Conflict(f"Comparison {comparison_id} has no variants")
-    serial_backends = {b for b in {j.info.backend for j in jobs} if _serial(service, b)}
-    serial = [j for j in jobs if j.info.backend in serial_backends]
-    chains = ([serial] if serial else []) + [[j] for j in jobs if j.info.backend not in serial_backends]
-    with ThreadPoolExecutor(max_workers=len(chains), thread_name_prefix="compare") as pool:
-        futures = [pool.submit(_run_chain, service, chain, user_text, actor) for chain in chains]
-        replies = {r.variant_id: r for f in futures for r in f.result()}
-    return [replies[j.info.id] for j in jobs]
+    variants = [j.info for j in jobs]
+    groups = running_order(service, variants)
+    streams: dict[int, TurnStream | str] = {}
+    try:
+        for job in jobs:
+            try:
+                streams[job.info.id] = service.send(job.info.conversation_id, user_text, params=job.params, actor=actor)
+            except CallbotError as exc:
+                streams[job.info.id] = str(exc)
+            except Exception as exc:  # as in `_stream_one`: one variant's bug is its own column's error
+                streams[job.info.id] = f"{type(exc).__name__}: {exc}"
+    except BaseException:
+        for stream in streams.values():
+            if not isinstance(stream, str):
+                stream.close()
+        raise
+    return ComparisonRun(comparison_id, user_text, variants, groups, streams)
+
+
+def send_turn(service: ConversationService, comparison_id: int, text: object, *, actor: Actor) -> list[VariantReply]:
+    """Send the same user text to every variant and wait for every reply; replies come back in column order.
+
+    As `stream_turn`, read to the end: remote backends run truly in parallel, variants on a serial backend (the
+    embedded model) one after another, so each variant's TTFT is measured from its own start.
+    """
+    with stream_turn(service, comparison_id, text, actor=actor) as run:
+        for _ in run:
+            pass
+        return run.replies
 
 
 # -- votes --------------------------------------------------------------------------------------

@@ -375,11 +375,20 @@ class ComparisonVariant(Base):
     """One column of a comparison: its own stored conversation, with optional parameter overrides."""
 
     __tablename__ = "comparison_variants"
-    __table_args__ = (UniqueConstraint("comparison_id", "position", name="uq_comparison_variants_position"),)
+    __table_args__ = (
+        UniqueConstraint("comparison_id", "position", name="uq_comparison_variants_position"),
+        UniqueConstraint("comparison_id", "setup_position", name="uq_comparison_variants_setup_position"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"), index=True)
+    # The column it is shown in (label A is position 0). A blind comparison shuffles the variants once, when it
+    # starts, so Variant A is not always the first one set up; `setup_position` keeps the order they were given in.
+    # A variant stored without one was not shuffled: it was set up where it is shown.
     position: Mapped[int] = mapped_column(Integer)
+    setup_position: Mapped[int] = mapped_column(
+        Integer, default=lambda context: context.get_current_parameters()["position"]
+    )
     label: Mapped[str] = mapped_column(String(40))
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), unique=True)
     params: Mapped[dict | None] = mapped_column(JSON)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from streamlit.testing.v1 import AppTest
 
-from callbot_core.experiments.comparisons import get_comparison
+from callbot_core.experiments.comparisons import get_comparison, list_comparisons
 from callbot_core.store import Store
 from tests.app.helpers import PW, button, known_pages_error, sign_in, titles, view
 
@@ -57,16 +57,62 @@ def test_compare_two_variants_side_by_side_and_vote(app_store: Store) -> None:
 
 def test_blind_mode_hides_which_variant_is_which_until_the_vote(app_store: Store) -> None:
     at = _start(app_store, blind=True)
+    detail = get_comparison(app_store, at.session_state["compare_comparison_id"])
+    assert detail.blind
+    # The caller's question is on the page, above the columns.
+    assert any(m.value == "When are you open?" for m in at.markdown)
+    # How the variants ran: the fake Ollama serves requests side by side, so they ran at the same time.
+    assert any("at the same time" in c.value for c in at.caption), [c.value for c in at.caption]
     assert _replies(at) == [REPLY, REPLY]
     assert [h.split("**")[1] for h in _headers(at)] == ["Variant A", "Variant B"]
-    assert not any("receptionist@" in m.value for m in at.markdown)
+    assert not any("receptionist@" in m.value or "temperature" in m.value for m in at.markdown)
 
     button(at, "Prefer A").click()
     at.run()
+    assert not at.exception and not at.error
+    # Revealed after the vote, as stored: the columns are in the comparison's (shuffled) order, and each says
+    # which of the variants set up it is.
     headers = _headers(at)
-    assert "receptionist@1" in headers[0] and "temperature=0.2" in headers[1]
+    for header, variant in zip(headers, detail.variants, strict=True):
+        assert f"Variant {variant.label} · {variant.describe()}" in header, (header, variant)
+        assert f"set up as variant {variant.setup_position + 1}" in header, header
+    assert "preferred" in headers[0] and "preferred" not in headers[1]
+    assert get_comparison(app_store, detail.id).tally() == {detail.variants[0].id: 1, detail.variants[1].id: 0}
+
+
+def test_two_identical_variants_are_refused(app_store: Store) -> None:
+    at = sign_in("rita", PW)
+    at.switch_page(view("compare")).run()
+    before = len(list_comparisons(app_store, 1000))
+    # The form starts with receptionist@1 twice at its own temperature: the same variant twice.
+    at.selectbox(key="compare_backend").select("ollama").run()
+    button(at, "Start comparison").click()
+    at.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "Variants 1 and 2 are the same: receptionist@1 with the same parameters on ollama · smollm2:135m. "
+        "Change the persona, the version or a parameter of one of them"
+    ]
+    assert "compare_comparison_id" not in at.session_state
+    assert len(list_comparisons(app_store, 1000)) == before
 
 
 def test_viewers_cannot_open_compare(app_store: Store) -> None:
     at = sign_in("vera", PW)
     assert "compare.py'" not in known_pages_error(at, view("compare")).split("Known pages")[1]
+
+
+def test_the_page_says_variants_on_the_embedded_model_run_one_after_another(app_store: Store) -> None:
+    at = sign_in("rita", PW)
+    at.switch_page(view("compare")).run()
+    # A second persona: not the same variant twice.
+    personas = at.selectbox(key="compare_persona_1")
+    personas.select_index(next(i for i, o in enumerate(personas.options) if "(receptionist)" not in o)).run()
+    assert at.selectbox(key="compare_backend").value == "embedded"
+    button(at, "Start comparison").click()
+    at.run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    # No turn is needed to say how turns will run: the embedded model answers one request at a time.
+    notes = [c.value for c in at.caption if "one after another" in c.value]
+    assert len(notes) == 1 and "Variant A and Variant B run one after another" in notes[0], notes
+    assert "embedded answers one request at a time" in notes[0]

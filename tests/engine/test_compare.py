@@ -1,8 +1,10 @@
 """Side-by-side comparisons on SQLite and PostgreSQL: one stored conversation per variant, the same
-turn sent to all of them concurrently, votes, the blind reveal rule, and input that is refused."""
+turn sent to all of them concurrently (one after another on a serial backend), votes, the blind reveal rule and
+shuffled columns, streaming, and input that is refused."""
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterator
 
@@ -21,6 +23,7 @@ from callbot_core.experiments.comparisons import (
     list_comparisons,
     send_turn,
     start_comparison,
+    stream_turn,
     vote,
     vote_tally,
 )
@@ -255,3 +258,167 @@ def test_a_comparison_on_the_embedded_model(store, settings, embedded) -> None:
         assert reply.ttft_ms is not None and reply.ttft_ms < 30_000
     detail = get_comparison(store, info.id)
     assert len(detail.turns) == 1 and all(r is not None and r.text for r in detail.turns[0].replies)
+
+
+# -- blind order, serial backends, streaming, identical variants (issue 11) ---------------------------------
+
+
+def _setup_order(info) -> tuple[int, ...]:  # type: ignore[no-untyped-def]
+    """Which variant, by the order it was set up in, each column (A, B, …) shows."""
+    return tuple(v.setup_position for v in info.variants)
+
+
+def test_blind_comparisons_shuffle_their_columns_and_keep_the_order(service, store) -> None:
+    temps = (0.1, 0.2, 0.3)
+    variants = [Variant("receptionist@1", {"temperature": t}) for t in temps]
+    orders = set()
+    for _ in range(12):  # the app's own shuffle: 6 orders, all 12 alike by chance ~ 3e-9
+        info = start_comparison(service, variants, blind=True, actor=LOCAL_OPERATOR)
+        assert [v.label for v in info.variants] == ["A", "B", "C"]
+        assert sorted(_setup_order(info)) == [0, 1, 2]
+        # Each column is the variant set up at its setup_position: the shuffle moves whole variants.
+        assert [v.params["temperature"] for v in info.variants] == [temps[i] for i in _setup_order(info)]
+        orders.add(_setup_order(info))
+        # Stored: reading it back (twice, after a turn) gives the same columns.
+        send_turn(service, info.id, "Hello?", actor=LOCAL_OPERATOR)
+        for _ in range(2):
+            again = get_comparison(store, info.id)
+            assert [(v.id, v.label, v.setup_position, v.params) for v in again.variants] == [
+                (v.id, v.label, v.setup_position, v.params) for v in info.variants
+            ]
+    assert len(orders) > 1, "Variant A was the same set-up variant in every blind comparison"
+
+    # A seeded generator gives the same sequence of orders again, and over 20 comparisons both orders of two.
+    def orders_with(seed: int) -> list[tuple[int, ...]]:
+        rng = random.Random(seed)
+        pair = [Variant("receptionist@1"), Variant("support@1")]
+        return [
+            _setup_order(start_comparison(service, pair, blind=True, actor=LOCAL_OPERATOR, rng=rng)) for _ in range(20)
+        ]
+
+    seeded = orders_with(11)
+    assert seeded == orders_with(11) and set(seeded) == {(0, 1), (1, 0)}
+
+
+def test_open_comparisons_keep_the_order_they_were_set_up_in(service) -> None:
+    rng = random.Random(3)
+    for _ in range(6):
+        info = start_comparison(
+            service, [Variant("receptionist@1"), Variant("support@1")], actor=LOCAL_OPERATOR, rng=rng
+        )
+        assert _setup_order(info) == (0, 1) and [v.persona_key for v in info.variants] == ["receptionist", "support"]
+
+
+def test_a_blind_comparison_names_its_own_columns(service, store) -> None:
+    with pytest.raises(InvalidInput, match="blind"):
+        start_comparison(
+            service, [Variant("receptionist", label="old"), Variant("support", label="new")], blind=True,
+            actor=LOCAL_OPERATOR,
+        )  # fmt: skip
+    assert _count(store, Comparison) == 0 and _count(store, Conversation) == 0
+
+
+class _SerialRecorder(Scripted):
+    """A backend that, like the embedded model, says it runs one request at a time, and records whether two
+    requests ever overlapped: each stream waits a little for a second one to arrive, so an overlap is seen."""
+
+    name = "serial-recorder"
+    where = "memory"
+    default_model = "serial-1"
+    serial = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = 0
+        self.overlaps = 0
+        self.temperatures: list[float] = []
+        self._cond = threading.Condition()
+
+    def stream(self, messages: list[ChatMessage], params: GenerationParams, *, model: str | None = None):  # type: ignore[no-untyped-def]
+        with self._cond:
+            self.active += 1
+            self.temperatures.append(params.temperature)
+            self._cond.notify_all()
+            # Waits for another request (an overlap) up to 0.2 s; alone, it just goes on.
+            self._cond.wait_for(lambda: self.active > 1, timeout=0.2)
+            if self.active > 1:
+                self.overlaps += 1
+        try:
+            yield Token("One")
+            yield Token(" at", usage=None)
+            yield Token(" a time", usage=Usage(completion_tokens=3))
+        finally:
+            with self._cond:
+                self.active -= 1
+
+
+def test_variants_on_a_serial_backend_run_one_after_another_in_column_order(store, settings) -> None:
+    backend = _SerialRecorder()
+    service = ConversationService(store, settings, backends=lambda name: backend)
+    variants = [Variant("receptionist@1", {"temperature": t}) for t in (0.1, 0.2, 0.3)]
+    info = start_comparison(service, variants, blind=True, actor=LOCAL_OPERATOR, rng=random.Random(1))
+    assert _setup_order(info) != (0, 1, 2), "pick a seed that shuffles"
+    shown = [v.params["temperature"] for v in info.variants]
+
+    with stream_turn(service, info.id, "Hello?", actor=LOCAL_OPERATOR) as run:
+        assert run.serial and run.user_text == "Hello?"
+        assert [v.id for v in run.variants] == [v.id for v in info.variants]
+        events = list(run)
+    assert backend.overlaps == 0 and backend.temperatures == shown
+    # Streamed one column at a time, in column order: each variant's pieces, then its stored reply.
+    order = [e.variant_id for e in events]
+    assert order == sorted(order, key=[v.id for v in info.variants].index)
+    assert "".join(e.piece for e in events if e.variant_id == info.variants[0].id) == "One at a time"
+    done = [e.reply for e in events if e.reply is not None]
+    assert [r.variant_id for r in done] == [v.id for v in info.variants]
+    assert [r.text for r in run.replies] == ["One at a time"] * 3 and all(r.error is None for r in run.replies)
+
+    # send_turn runs the same way.
+    send_turn(service, info.id, "Again?", actor=LOCAL_OPERATOR)
+    assert backend.overlaps == 0 and backend.temperatures == shown * 2
+
+
+def test_variants_on_a_concurrent_backend_stream_side_by_side(store, settings) -> None:
+    backend = _BarrierBackend(2)
+    service = ConversationService(store, settings, backends=lambda name: backend)
+    info = start_comparison(service, [Variant("receptionist"), Variant("support")], actor=LOCAL_OPERATOR)
+    with stream_turn(service, info.id, "Hello?", actor=LOCAL_OPERATOR) as run:
+        assert not run.serial
+        events = list(run)
+    for variant in info.variants:
+        assert "".join(e.piece for e in events if e.variant_id == variant.id) == "Side by side"
+    assert [r.text for r in run.replies] == ["Side by side"] * 2
+
+
+def test_a_comparison_turn_left_mid_stream_stores_every_variant_as_interrupted(store, settings) -> None:
+    backend = _SerialRecorder()
+    service = ConversationService(store, settings, backends=lambda name: backend)
+    info = start_comparison(
+        service, [Variant("receptionist"), Variant("support"), Variant("assistant")], actor=LOCAL_OPERATOR
+    )
+    with stream_turn(service, info.id, "Hello?", actor=LOCAL_OPERATOR) as run:
+        first = next(iter(run))
+        assert first.variant_id == info.variants[0].id and first.piece == "One"
+    # Every variant has its turn (aligned by index): the caller's words kept, the turn marked interrupted.
+    detail = get_comparison(store, info.id)
+    assert [t.user_text for t in detail.turns] == ["Hello?"]
+    replies = detail.turns[0].replies
+    assert all(r is not None and r.error and "interrupted" in r.error for r in replies), replies
+    assert backend.temperatures == [0.5], "the variants after the first never reached the model"
+
+
+@pytest.mark.parametrize(
+    "variants",
+    [
+        [Variant("receptionist"), Variant("receptionist@1")],  # the latest version is version 1
+        [Variant("receptionist@1", {"temperature": 0.5}), Variant("receptionist@1")],  # 0.5 is its own
+        [Variant("support"), Variant("receptionist", {"seed": 3}), Variant("receptionist@1", {"seed": 3})],
+    ],
+)
+def test_identical_variants_are_refused_and_nothing_is_stored(service, store, fake, variants) -> None:
+    audits = _count(store, AuditLog)
+    with pytest.raises(InvalidInput, match=r"Variants \d and \d are the same") as refused:
+        start_comparison(service, variants, blind=True, actor=LOCAL_OPERATOR, backend="ollama")
+    assert "receptionist@1" in str(refused.value)
+    assert _count(store, Comparison) == 0 and _count(store, Conversation) == 0
+    assert _count(store, AuditLog) == audits and fake.chat_requests == []
