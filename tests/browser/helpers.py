@@ -74,7 +74,9 @@ class RunningApp:
             return ""
 
 
-def app_env(database_url: str, runtime_dir: Path, admin_password: str) -> dict[str, str]:
+def app_env(
+    database_url: str, runtime_dir: Path, admin_password: str, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     # The developer's own CALLBOT_* settings (another store, a remote backend) must not leak into a test run.
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
     env.update(
@@ -84,6 +86,7 @@ def app_env(database_url: str, runtime_dir: Path, admin_password: str) -> dict[s
         CALLBOT_ENV="development",
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra or {})  # a test's own settings (CALLBOT_OLLAMA_URL…) for the app it starts
     return env
 
 
@@ -136,11 +139,13 @@ def running_app(
     admin_password: str = ADMIN_PASSWORD,
     upgrade: bool = True,
     health_timeout_s: float = HEALTH_TIMEOUT_S,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[RunningApp]:
     """The real app (`callbot app`) on a free port with its own SQLite store; stopped on exit.
 
     Pass `database_url` to serve a store prepared beforehand (the bench seeds one); `upgrade` still runs
-    so the admin's store and schema are in place, and it is a no-op on a migrated store.
+    so the admin's store and schema are in place, and it is a no-op on a migrated store. `extra_env` adds settings
+    for the app only (`{"CALLBOT_OLLAMA_URL": fake.url}`).
     """
     with tempfile.TemporaryDirectory(prefix="callbot-app-") as tmp:
         base = Path(workdir) if workdir is not None else Path(tmp)
@@ -150,7 +155,7 @@ def running_app(
         if upgrade:
             upgrade_store(url, runtime_dir, admin_password)
         port = free_port()
-        env = app_env(url, runtime_dir, admin_password)
+        env = app_env(url, runtime_dir, admin_password, extra_env)
         log_path = runtime_dir / "app.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
