@@ -40,6 +40,9 @@ class FakeOllama:
     error_message: str = "model runner has unexpectedly stopped"
     drop_first: int = 0
     done_reason: str = "stop"
+    # A slow model: a wait before the first piece (prompt evaluation) and between pieces (decoding).
+    first_delay_s: float = 0.0
+    piece_delay_s: float = 0.0
     requests: list[RecordedRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -190,6 +193,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._chunk({"error": fake.error_message})
                 self._end()
                 return
+            delay = fake.first_delay_s if i == 0 else fake.piece_delay_s
+            if delay:
+                fake._stopping.wait(delay)
             self._chunk(
                 {
                     "model": model,

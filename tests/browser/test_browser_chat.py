@@ -9,8 +9,6 @@ test-artifacts/chat_*.png.
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -30,7 +28,7 @@ from tests.browser.helpers import (
     screenshot,
     sign_in,
 )
-from tests.fake_ollama import FakeOllama, _Handler, _QuietServer
+from tests.fake_ollama import FakeOllama
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page
@@ -43,43 +41,15 @@ REPLY_TEXT = "".join(REPLY)
 INTERRUPTED = "interrupted: the reply was not read to the end"
 
 
-class _SlowHandler(_Handler):
-    """The fake's handler, waiting before each piece of a reply as a slow model would."""
-
-    fake: SlowOllama
-
-    def do_POST(self) -> None:
-        self._pieces = 0
-        super().do_POST()
-
-    def _chunk(self, data: dict) -> None:  # type: ignore[type-arg]
-        if not data.get("done") and data.get("message", {}).get("content"):
-            self.fake._stopping.wait(self.fake.first_delay_s if self._pieces == 0 else self.fake.piece_delay_s)
-            self._pieces += 1
-        super()._chunk(data)
-
-
-@dataclasses.dataclass
-class SlowOllama(FakeOllama):
-    first_delay_s: float = 1.5
-    piece_delay_s: float = 0.3
-
-    def start(self) -> SlowOllama:
-        handler = type("Handler", (_SlowHandler,), {"fake": self})
-        self._server = _QuietServer(("127.0.0.1", 0), handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
-        self._thread.start()
-        return self
-
-
 @pytest.fixture(scope="module")
-def slow_ollama() -> Iterator[SlowOllama]:
-    with SlowOllama(reply=REPLY) as fake:
+def slow_ollama() -> Iterator[FakeOllama]:
+    # Slow enough to act mid-reply in a browser: 1.5 s before the first words, 0.3 s between pieces.
+    with FakeOllama(reply=REPLY, first_delay_s=1.5, piece_delay_s=0.3) as fake:
         yield fake
 
 
 @pytest.fixture(scope="module")
-def app(slow_ollama: SlowOllama) -> Iterator[RunningApp]:
+def app(slow_ollama: FakeOllama) -> Iterator[RunningApp]:
     """This module's own app, chatting with the slow server by default."""
     extra = {"CALLBOT_OLLAMA_URL": slow_ollama.url, "CALLBOT_LLM_BACKEND": "ollama"}
     with running_app(extra_env=extra) as running:
