@@ -152,6 +152,9 @@ def test_each_report_runs_and_exports_html_without_code(module_runs: ModuleRuns,
     text = _visible_text(page)
     assert "receptionist" in text and "support" in text  # the data made it into the report
     assert "No turns for these filters" not in text
+    # Tables without pandas' index column (an empty header cell over 0, 1, 2…), and nothing shown as "None".
+    assert "<table" in page and "<th></th>" not in page
+    assert " None " not in f" {text} "
 
     calls = module_runs.progress[name]
     total = calls[-1][1]
