@@ -10,12 +10,14 @@ from __future__ import annotations
 import streamlit as st
 
 from app.common import (
+    FAILED,
     backend_picker,
     current_user,
     metric_chips,
     model_picker,
     persona_picker,
     require,
+    run_action,
     safe_markdown,
     service,
     store,
@@ -30,6 +32,7 @@ from callbot_core.experiments.comparisons import (
     Variant,
     VariantInfo,
     VariantReply,
+    end_comparison,
     get_comparison,
     list_comparisons,
     running_order,
@@ -272,7 +275,10 @@ if detail.blind:
         "Blind: the columns were shuffled when the comparison started. A column shows its persona and parameters "
         "once you have voted on that turn."
     )
-if top[1].button("New comparison", key="compare_new"):
+# The one being left ends now: its conversations (turns or none) must not stay active for ever.
+if top[1].button("New comparison", key="compare_new") and (
+    run_action(end_comparison, store(), detail.id, actor=user) is not FAILED
+):
     st.session_state.pop(CMP, None)
     st.rerun()
 

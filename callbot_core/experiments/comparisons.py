@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, aliased
 from callbot_core.access import audit
 from callbot_core.access.permissions import Actor, require
 from callbot_core.backends.llm import GenerationParams, runs_serially
-from callbot_core.conversations.service import ConversationService, TurnStream
+from callbot_core.conversations.service import ConversationService, TurnStream, mark_ended
 from callbot_core.conversations.validation import clean_message
 from callbot_core.errors import CallbotError, Conflict, InvalidInput, NotFound
 from callbot_core.personas.catalog import get_persona_version
@@ -604,6 +604,19 @@ def _turns_of(session: Session, conversation_id: int) -> list[int]:
             select(TurnMetrics.id).where(TurnMetrics.conversation_id == conversation_id).order_by(TurnMetrics.id)
         )
     )
+
+
+def end_comparison(store: Store, comparison_id: int, *, actor: Actor) -> int:
+    """End every variant's conversation (a reply still streaming is stored as interrupted); returns how many were
+    still active. A comparison left for a new one, with or without turns, must not stay active for ever."""
+    require(actor, "compare")
+    with store.session() as session:
+        _get(session, comparison_id)
+        ended = sum(mark_ended(session, conversation.id) for _, conversation, _ in _variants(session, comparison_id))
+        if ended:
+            audit.record(session, "comparison.end", actor=actor.username, target=str(comparison_id),
+                         detail={"conversations_ended": ended})  # fmt: skip
+    return ended
 
 
 def vote(store: Store, comparison_id: int, turn_index: int, variant_id: int, *, actor: Actor) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from streamlit.testing.v1 import AppTest
 
+from callbot_core.conversations.transcripts import get_conversation
 from callbot_core.experiments.comparisons import get_comparison, list_comparisons
 from callbot_core.store import Store
 from tests.app.helpers import PW, button, known_pages_error, sign_in, titles, view
@@ -53,6 +54,13 @@ def test_compare_two_variants_side_by_side_and_vote(app_store: Store) -> None:
     detail = get_comparison(app_store, cid)
     assert [v.votes for v in detail.variants] == [0, 1]
     assert [v.params for v in detail.variants] == [{}, {"temperature": 0.2}]
+
+    # Leaving it for a new one ends its conversations: nothing stays active for ever.
+    button(at, "New comparison").click()
+    at.run()
+    assert not at.exception and not at.error
+    assert "compare_comparison_id" not in at.session_state
+    assert {get_conversation(app_store, v.conversation_id).row.status for v in detail.variants} == {"ended"}
 
 
 def test_blind_mode_hides_which_variant_is_which_until_the_vote(app_store: Store) -> None:

@@ -422,3 +422,30 @@ def test_identical_variants_are_refused_and_nothing_is_stored(service, store, fa
     assert "receptionist@1" in str(refused.value)
     assert _count(store, Comparison) == 0 and _count(store, Conversation) == 0
     assert _count(store, AuditLog) == audits and fake.chat_requests == []
+
+
+def test_ending_a_comparison_ends_its_conversations_even_without_turns(service, store) -> None:
+    from callbot_core.access.permissions import OperatorActor
+    from callbot_core.errors import PermissionDenied
+    from callbot_core.experiments.comparisons import end_comparison
+
+    info = start_comparison(service, [Variant("receptionist@1"), Variant("tutor@1")], actor=LOCAL_OPERATOR)
+
+    def statuses() -> list[str]:
+        with store.session() as session:
+            return sorted(
+                session.scalars(
+                    select(Conversation.status)
+                    .join(ComparisonVariant, ComparisonVariant.conversation_id == Conversation.id)
+                    .where(ComparisonVariant.comparison_id == info.id)
+                )
+            )
+
+    assert statuses() == ["active", "active"]
+    with pytest.raises(PermissionDenied):
+        end_comparison(store, info.id, actor=OperatorActor(username="vera", role="viewer"))
+    assert end_comparison(store, info.id, actor=LOCAL_OPERATOR) == 2
+    assert statuses() == ["ended", "ended"]
+    assert end_comparison(store, info.id, actor=LOCAL_OPERATOR) == 0  # ending twice is harmless
+    with pytest.raises(NotFound):
+        end_comparison(store, info.id + 999, actor=LOCAL_OPERATOR)
