@@ -127,7 +127,7 @@ with users_tab:
                      password, actor=user, client_addr=client_addr())  # fmt: skip
         locked = [u.username for u in users if is_locked(u, now)]
         with st.form("admin_lock"):
-            st.markdown("**Lock an account**")
+            st.markdown("**Deactivate an account** (locked until an admin unlocks it; its history stays)")
             lockable = [n for n in names if n not in locked and n != user.username]
             who_locks = st.selectbox("User", lockable, key="admin_lock_user", placeholder="No one to lock")
             if st.form_submit_button("Lock", disabled=not lockable):
