@@ -44,12 +44,21 @@ def test_search_open_from_the_row_and_export_in_one_click(page: Page, app: Runni
     expect(page.get_by_text(f"#{cid}").first).to_be_visible()
     expect(page.locator("mark, span").filter(has_text="flamingo").first).to_be_visible()
 
-    # A click on the row's first cell selects it; the conversation opens below.
+    # A click on the row's selection cell selects it; the conversation opens below. The search reruns the page,
+    # which may redraw the table under the pointer: wait for it to hold the one row, and click again if needed.
     grid = page.get_by_test_id("stDataFrame").first
-    box = grid.bounding_box()
-    assert box is not None
-    page.mouse.click(box["x"] + 12, box["y"] + 52)  # the selection column of the first row
-    expect(page.get_by_role("heading", name=f"Conversation {cid}")).to_be_visible()
+    expect(grid.locator("td").filter(has_text="receptionist@1")).to_have_count(1)
+    opened = page.get_by_role("heading", name=f"Conversation {cid}")
+    for _ in range(3):
+        box = grid.bounding_box()
+        assert box is not None
+        page.mouse.click(box["x"] + 12, box["y"] + 52)  # the selection column of the first row
+        try:
+            expect(opened).to_be_visible(timeout=10_000)
+            break
+        except AssertionError:
+            continue
+    expect(opened).to_be_visible()
     screenshot(page, "30_conversations_opened")
 
     with page.expect_download() as download_info:
