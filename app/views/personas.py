@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import streamlit as st
@@ -11,19 +12,23 @@ from app.common import (
     DEFAULT_PERSONA,
     FAILED,
     allowed,
+    backend_models,
     current_user,
     run_action,
     safe_markdown,
     service,
+    settings,
     store,
     version_picker,
 )
+from app.rendering import plain_markdown
+from callbot_core.backends.llm import available_backends
 from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.experiments.evals import load_suite, parse_suite, run_suite
 from callbot_core.experiments.evals.runner import format_params
 from callbot_core.experiments.evals.suite import suite_files
 from callbot_core.personas.cards import export_card, import_card
-from callbot_core.personas.catalog import all_personas
+from callbot_core.personas.catalog import PersonaSummary, all_personas, parse_persona_ref
 from callbot_core.personas.fields import MAX_TOKENS, TEMPERATURE, TOP_P
 from callbot_core.personas.variables import prompt_variables
 from callbot_core.personas.versions import (
@@ -35,12 +40,17 @@ from callbot_core.personas.versions import (
     list_versions,
     save_version,
     set_production,
+    word_diff,
 )
 from callbot_core.settings import get_settings
 
 FLASH = "personas_flash"
 SELECT = "personas_select"  # (key, version) to show after the rerun that follows a change
+DIFF_RESET = "personas_diff_reset"  # the persona whose Diff pickers go back to their defaults on this run
 UPLOADED = "(uploaded file)"
+CONFIGURED = "(configured)"  # no backend stored: the one configured when the version runs
+BACKEND_DEFAULT = "(backend default)"  # no model stored: the backend's default model
+CLONED = re.compile(r"^cloned from (\S+@\d+)$")  # the note clone_persona gives a clone's version 1
 
 user = current_user()
 may_edit = allowed("persona.edit")
@@ -60,8 +70,64 @@ def _act(success: str, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
     st.rerun()
 
 
+def _numbers(p: PersonaSummary) -> list[int]:
+    """A persona's version numbers, newest first: 1..latest, as versions are only ever added (asked when not)."""
+    if p.versions == p.latest:
+        return list(range(p.latest, 0, -1))
+    return [v.version for v in reversed(list_versions(store(), p.key))]
+
+
+def _ref_order(ref: str) -> tuple[str, int]:
+    key, number = parse_persona_ref(ref)
+    return key, number or 0
+
+
+def _keep_indent(line: str) -> str:
+    """A line's leading spaces as no-break spaces: Markdown would drop them, or make an indented code block."""
+    body = line.lstrip(" \t")
+    return "\u00a0" * len(line[: len(line) - len(body)].replace("\t", "    ")) + body
+
+
+def _marked(text: str, kind: str) -> str:
+    """Changed words highlighted (removed ones struck through), the spaces around them left outside the mark."""
+    core = text.strip()
+    if not core:
+        return text
+    lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()) :]
+    shown = plain_markdown(core)
+    mark = f":green-background[{shown}]" if kind == "added" else f":red-background[~~{shown}~~]"
+    return lead + mark + trail
+
+
+def _word_diff_markdown(old: str, new: str) -> str:
+    """The word diff of two texts as Markdown: every character shown as typed (`plain_markdown`, never HTML), removed
+    words struck through on red, added ones on green. Lines are the new text's (a removed line break shows as ↵);
+    long lines wrap like any paragraph."""
+    out: list[str] = []
+    at_line_start = True
+    for kind, text in word_diff(old, new):
+        if kind == "removed":
+            out.append(_marked(text.replace("\n", " ↵ ") if text.strip() else "↵" * text.count("\n"), kind))
+            at_line_start = False
+            continue
+        for n, line in enumerate(text.split("\n")):
+            if n:
+                out.append("  \n")  # a hard line break; an empty line between two ends the paragraph
+                at_line_start = True
+            if not line:
+                continue
+            if at_line_start:
+                line = _keep_indent(line)
+                at_line_start = False
+            out.append(plain_markdown(line) if kind == "same" else _marked(line, kind))
+    return "".join(out)
+
+
+# The message slot is drawn on every run, empty or not, so the tabs below keep their place on the page: the browser
+# draws tabs that moved afresh, on their first tab (picking a card right after an import jumped to "Version").
+flash_slot = st.empty()
 if flash := st.session_state.pop(FLASH, None):
-    st.success(flash)
+    flash_slot.success(flash)
 
 personas = all_personas(store())
 st.dataframe(
@@ -89,6 +155,7 @@ if pending := st.session_state.pop(SELECT, None):
     # Set before the selectboxes exist: Streamlit refuses changes to a drawn widget's state.
     st.session_state["personas_key"] = pending[0]
     st.session_state[f"personas_version_{pending[0]}"] = pending[1]
+    st.session_state[DIFF_RESET] = pending[0]  # the Diff tab starts again from its defaults, the new version in "To"
 if st.session_state.get("personas_key") not in keys:
     # The default lives in session state, not in index=: Streamlit warns when a widget gets both.
     st.session_state["personas_key"] = DEFAULT_PERSONA if DEFAULT_PERSONA in keys else keys[0]
@@ -113,6 +180,7 @@ tab_names = [
     "Version", *(["Edit"] if may_edit else []), "Diff", *(["Manage"] if may_edit else []), "Card",
     *(["Suites"] if may_run_suites else []),
 ]  # fmt: skip
+# The open tab lives in the browser only: nothing drawn above the tabs may come and go (see `flash_slot`).
 tabs = dict(zip(tab_names, st.tabs(tab_names), strict=True))
 view_tab, diff_tab, card_tab = tabs["Version"], tabs["Diff"], tabs["Card"]
 
@@ -155,6 +223,39 @@ if may_edit:
         def _pe(field: str) -> str:
             return f"pe_{field}_{current.ref}"
 
+        # Backend and model stand outside the form: the model list depends on the backend, and a widget inside a
+        # form does not rerun the page until the form is submitted. Keyed by version (and the model by backend
+        # too), so another version's or backend's choice never carries over.
+        registered = available_backends()
+        backends = [CONFIGURED, *registered]
+        if current.backend and current.backend not in backends:
+            backends.append(current.backend)  # a version's own backend stays selectable
+        c4, c5 = st.columns(2)
+        backend_choice = c4.selectbox(
+            "Backend",
+            backends,
+            index=backends.index(current.backend or CONFIGURED),
+            key=_pe("backend"),
+            help=f"Saved with the form below. {CONFIGURED}: the backend configured when the version runs.",
+        )
+        backend = None if backend_choice == CONFIGURED else backend_choice
+        serving = backend or settings().llm_backend
+        models, models_error = backend_models(serving)
+        model_options = [BACKEND_DEFAULT, *models]
+        own_model = current.model if backend == current.backend else None
+        if own_model and own_model not in model_options:
+            model_options.append(own_model)  # so is its own model, listed or not
+        model_choice = c5.selectbox(
+            "Model",
+            model_options,
+            index=model_options.index(own_model or BACKEND_DEFAULT),
+            key=f"{_pe('model')}_{backend_choice}",
+            help=f"The models the backend offers now. {BACKEND_DEFAULT}: the backend's default model.",
+        )
+        model = None if model_choice == BACKEND_DEFAULT else model_choice
+        if models_error:
+            st.caption(f"{safe_markdown(serving)} lists no models now: {safe_markdown(models_error)}")
+
         # Keys carry the version: Streamlit keeps a keyed widget's state when its default changes, so a shared
         # key would keep showing (and save) the fields of the version selected before.
         with st.form(f"personas_edit_{current.ref}"):
@@ -172,11 +273,9 @@ if may_edit:
                 "Max tokens", int(MAX_TOKENS.low), int(MAX_TOKENS.high), int(current.max_tokens), key=_pe("max_tokens")
             )
             stop = st.text_input("Stop words (comma separated)", ", ".join(current.stop_words), key=_pe("stop"))
-            c4, c5, c6 = st.columns(3)
-            backend = c4.text_input("Backend (empty: configured)", current.backend or "", key=_pe("backend"))
-            model = c5.text_input("Model (empty: backend default)", current.model or "", key=_pe("model"))
+            c6, c7 = st.columns([1, 2])
             voice = c6.text_input("Voice", current.voice or "", key=_pe("voice"))
-            tag_text = st.text_input("Tags (comma separated)", ", ".join(current.tags), key=_pe("tags"))
+            tag_text = c7.text_input("Tags (comma separated)", ", ".join(current.tags), key=_pe("tags"))
             note = st.text_input("What changed", key=_pe("note"))
             if st.form_submit_button("Save as a new version"):
                 _act(
@@ -194,8 +293,8 @@ if may_edit:
                         "top_p": top_p,
                         "max_tokens": int(max_tokens),
                         "stop_words": [s.strip() for s in stop.split(",") if s.strip()],
-                        "backend": backend.strip() or None,
-                        "model": model.strip() or None,
+                        "backend": backend,
+                        "model": model,
                         "voice": voice.strip() or None,
                         "tags": [t.strip() for t in tag_text.split(",") if t.strip()],
                     },
@@ -203,20 +302,45 @@ if may_edit:
                     note=note,
                 )
 
+# Every version of every persona, this persona's first (newest first): what "From" and a suite grid choose from.
+all_refs = [f"{key}@{n}" for n in numbers] + [
+    f"{p.key}@{n}" for p in personas if p.key != key for n in _numbers(p)
+]  # fmt: skip
+
 with diff_tab:
-    if len(numbers) < 2:
-        st.info("This persona has one version: nothing to compare yet.")
+    # A clone is compared with the version it was cloned from ("cloned from key@N"), other personas with their
+    # previous version; any version of any persona can be picked as "From".
+    cloned = CLONED.match(versions[0].note)
+    source = cloned.group(1) if cloned and cloned.group(1) in all_refs else None
+    diff_a, diff_b = f"personas_diff_a_{key}", f"personas_diff_b_{key}"
+    # Defaults set in session state, not with index=: a browser keeps showing its own choice over a new default.
+    reset = st.session_state.pop(DIFF_RESET, None) == key
+    if reset or st.session_state.get(diff_a) not in all_refs:
+        st.session_state[diff_a] = source or f"{key}@{numbers[min(1, len(numbers) - 1)]}"
+    if reset or st.session_state.get(diff_b) not in numbers:
+        st.session_state[diff_b] = numbers[0]
+    d1, d2 = st.columns(2)
+    ref_a = d1.selectbox("From", all_refs, key=diff_a)
+    b = d2.selectbox("To", numbers, key=diff_b)
+    if ref_a == f"{key}@{b}":
+        st.info(
+            "This persona has one version: pick another persona's version as From to compare."
+            if len(numbers) < 2
+            else "Pick two different versions to compare."
+        )
     else:
-        d1, d2 = st.columns(2)
-        a = d1.selectbox("From", numbers, index=min(1, len(numbers) - 1), key=f"personas_diff_a_{key}")
-        b = d2.selectbox("To", numbers, index=0, key=f"personas_diff_b_{key}")
-        changes = diff_versions(store(), f"{key}@{a}", f"{key}@{b}")
+        changes = diff_versions(store(), ref_a, f"{key}@{b}")
         if not changes:
             st.info("These versions are the same.")
+        elif any(change.diff for change in changes):
+            st.caption("Removed words are struck through on red, added words are on green.")
         for change in changes:
             st.markdown(f"**{change.field}**")
             if change.diff:
-                st.code(change.diff, language="diff")
+                with st.container(border=True):
+                    st.markdown(_word_diff_markdown(change.old or "", change.new or ""))
+                with st.expander("Line diff"):
+                    st.code(change.diff, language="diff", wrap_lines=True)
             else:
                 st.markdown(f"`{change.old}` → `{change.new}`")
 
@@ -271,14 +395,17 @@ def _temperatures(text: str) -> list[float]:
 
 if may_run_suites:
     with tabs["Suites"]:
-        st.caption(f"Run a scenario suite against versions of {key}: every version × temperature × repeat is one case.")
+        st.caption(
+            f"Run a scenario suite against versions of {key} and of any other persona, in one grid: every version × "
+            "temperature × repeat is one case."
+        )
         suites = suite_files(get_settings().suites_dir)
         files = list(suites)
         choice = st.selectbox("Suite", [*files, UPLOADED], key="ps_suite")
         upload = None
         if choice == UPLOADED:
             upload = st.file_uploader("Suite file (YAML)", type=["yaml", "yml"], key="ps_upload")
-        chosen = st.multiselect("Versions", numbers, default=[number], key=f"ps_versions_{key}")
+        chosen = st.multiselect("Versions", all_refs, default=[current.ref], key=f"ps_versions_{key}")
         c1, c2 = st.columns(2)
         temps_text = c1.text_input("Temperatures (comma separated; empty: the version's own)", key="ps_temps")
         repeat = c2.number_input("Repeat", 1, 20, 1, key="ps_repeat")
@@ -304,7 +431,7 @@ if may_run_suites:
                 batch = run_suite(
                     service(),
                     suite,
-                    [f"{key}@{n}" for n in sorted(chosen)],
+                    sorted(chosen, key=_ref_order),
                     params_grid={"temperature": temps} if temps else None,
                     repeat=int(repeat),
                     actor=user,
@@ -314,8 +441,10 @@ if may_run_suites:
                 st.error(str(exc))
             else:
                 st.success(f"Batch {batch.batch}: {len(batch.cells)} case(s) of {safe_markdown(suite.name)} stored.")
+                # By version, then parameters: cells that run side by side finish in any order.
+                rows = sorted(batch.summary(), key=lambda r: (_ref_order(r.persona), format_params(r.params)))
                 st.dataframe(
-                    pd.DataFrame([r.display() for r in batch.summary()]),
+                    pd.DataFrame([r.display() for r in rows]),
                     hide_index=True,
                     width="stretch",
                     key="ps_summary",

@@ -11,7 +11,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -407,9 +407,99 @@ def diff_versions(store: Store, ref_a: str, ref_b: str) -> list[FieldDiff]:
         return diffs
 
 
+# -- word diff ----------------------------------------------------------------------------------
+
+# A word, a run of whitespace, or one other character: punctuation changes on its own, not with its word.
+_WORD_TOKENS = re.compile(r"\w+|\s+|[^\w\s]")
+# What is compared first: text up to the next whitespace with that whitespace, so the commonest tokens (a space, a
+# full stop) are not matched one by one across a long prompt (quadratic in difflib); only the stretches that differ
+# are compared again word by word.
+_COARSE_TOKENS = re.compile(r"\S+\s*|\s+")
+# A changed stretch larger than this (tokens before × tokens after) is shown as removed and added whole: it was
+# rewritten, and matching its common words one by one would take seconds and say little.
+_FINE_DIFF_LIMIT = 250_000
+
+
+class WordSpan(NamedTuple):
+    """A stretch of text in a word diff: in both texts ("same"), only in the old one ("removed") or only in the new
+    one ("added")."""
+
+    kind: Literal["same", "removed", "added"]
+    text: str
+
+
+def _add(chunks: list[list[str]], chunk: list[str]) -> None:
+    """Append [same] or [removed, added] to `chunks`, merging it with what it continues; whitespace alone between
+    two changes joins them."""
+    if not any(chunk):
+        return
+    if chunks and len(chunks[-1]) == len(chunk):
+        chunks[-1] = [x + y for x, y in zip(chunks[-1], chunk, strict=True)]
+    elif len(chunk) == 2 and len(chunks) >= 2 and not chunks[-1][0].strip() and len(chunks[-2]) == 2:
+        space = chunks.pop()[0]
+        before = chunks.pop()
+        chunks.append([before[0] + space + chunk[0], before[1] + space + chunk[1]])
+    else:
+        chunks.append(chunk)
+
+
+def _diff_tokens(chunks: list[list[str]], a: list[str], b: list[str], fine: bool) -> None:
+    # autojunk off: it would take the space, the commonest token of any long prompt, for noise and match nothing.
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        old, new = "".join(a[i1:i2]), "".join(b[j1:j2])
+        if tag == "equal":
+            _add(chunks, [old])
+        elif tag == "replace" and not fine and (i2 - i1) * (j2 - j1) <= _FINE_DIFF_LIMIT:
+            _diff_tokens(chunks, _WORD_TOKENS.findall(old), _WORD_TOKENS.findall(new), fine=True)
+        else:
+            _add(chunks, [old, new])
+
+
+def _start_changes_at_words(chunks: list[list[str]]) -> None:
+    """Slide each pure insertion or deletion that starts with whitespace to the right while the text after it starts
+    with the same character: "helpful| <b>x</b>| assistant" and "helpful |<b>x</b> |assistant" say the same, and
+    the second reads as words added. Chunks are [same] or [removed, added], as in `word_diff`."""
+    out: list[list[str]] = []
+    for i, chunk in enumerate(chunks):
+        if len(chunk) == 2 and not (chunk[0] and chunk[1]) and i + 1 < len(chunks):
+            side = 0 if chunk[0] else 1
+            text, after, moved = chunk[side], chunks[i + 1], ""
+            while text[:1].isspace() and after[0][:1] == text[0]:
+                moved += text[0]
+                text = text[1:] + text[0]
+                after[0] = after[0][1:]
+            _add(out, [moved])
+            chunk = [text, ""] if side == 0 else ["", text]
+        _add(out, chunk)
+    chunks[:] = out
+
+
+def word_diff(old: str, new: str) -> list[WordSpan]:
+    """The changes from `old` to `new` word by word, for showing a prompt or greeting with its changed words marked.
+
+    The "same" and "removed" spans joined give `old`, the "same" and "added" ones `new` (whitespace and line breaks
+    included); a change shows as its removed text followed by its added text. Whitespace alone between two changed
+    words is folded into the change, so "one two" -> "uno dos" is one change rather than two split by a space.
+    """
+    chunks: list[list[str]] = []  # [same] or [removed, added]
+    _diff_tokens(chunks, _COARSE_TOKENS.findall(old), _COARSE_TOKENS.findall(new), fine=False)
+    _start_changes_at_words(chunks)
+    spans: list[WordSpan] = []
+    for chunk in chunks:
+        if len(chunk) == 1:
+            spans.append(WordSpan("same", chunk[0]))
+            continue
+        if chunk[0]:
+            spans.append(WordSpan("removed", chunk[0]))
+        if chunk[1]:
+            spans.append(WordSpan("added", chunk[1]))
+    return spans
+
+
 __all__ = [
     "FieldDiff",
     "VersionInfo",
+    "WordSpan",
     "archive_persona",
     "clone_persona",
     "create_persona",
@@ -420,4 +510,5 @@ __all__ = [
     "production_version",
     "save_version",
     "set_production",
+    "word_diff",
 ]

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+from streamlit.testing.v1 import AppTest
+from streamlit.testing.v1.element_tree import Block
+
+from app.rendering import plain_markdown
 from callbot_core.access.permissions import LOCAL_OPERATOR
-from callbot_core.personas.versions import get_version, list_versions, production_version
+from callbot_core.personas.versions import (
+    clone_persona,
+    create_persona,
+    get_version,
+    list_versions,
+    production_version,
+    save_version,
+)
 from callbot_core.settings import get_settings
 from callbot_core.store import Store
 from tests.app.helpers import PW, button, sign_in, titles, view
@@ -74,7 +86,6 @@ def test_a_researcher_runs_a_suite_with_progress(
 ) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import select
 
-    from callbot_core.personas.versions import save_version
     from callbot_core.store.models import EvalResult, EvalRun
 
     suites = tmp_path / "suites"
@@ -93,7 +104,7 @@ def test_a_researcher_runs_a_suite_with_progress(
     at = _personas()
     at.selectbox(key="personas_key").select("receptionist").run()
     assert at.selectbox(key="ps_suite").options == ["tiny.yaml", "(uploaded file)"]
-    assert at.multiselect(key="ps_versions_receptionist").value == [fast.version]
+    assert at.multiselect(key="ps_versions_receptionist").value == [fast.ref]
     at.text_input(key="ps_temps").input("0.2, 0.7")
     button(at, "Run suite").click()
     at.run()
@@ -118,7 +129,6 @@ def test_viewers_do_not_run_suites(app_store: Store) -> None:
 
 def test_the_edit_form_shows_the_selected_version(app_store: Store) -> None:
     """Switching persona or version refills the form: saving must never copy another version's fields."""
-    from callbot_core.personas.versions import save_version
 
     new = save_version(app_store, "tutor", {"system_prompt": "Tutor, the newest version."}, actor=LOCAL_OPERATOR)
     old = f"tutor@{new.version - 1}"
@@ -130,3 +140,146 @@ def test_the_edit_form_shows_the_selected_version(app_store: Store) -> None:
     assert at.text_input(key=f"pe_name_{new.ref}").value == new.name
     at.selectbox(key="personas_version_tutor").select(new.version - 1).run()
     assert at.text_area(key=f"pe_prompt_{old}").value == get_version(app_store, old).system_prompt
+
+
+def _tabs_place(at: AppTest) -> int:
+    """Where the tabs stand among the page's elements. The browser keeps the open tab (and a chosen file) only while
+    this holds: tabs drawn at another place are new tabs, shown from the first one."""
+    return next(
+        i for i, n in at.main.children.items() if type(n) is Block and n.proto and n.proto.HasField("tab_container")
+    )
+
+
+def _word_diffs(at: AppTest) -> list[str]:
+    return [m.value for m in at.markdown if "-background[" in m.value]
+
+
+def test_the_diff_highlights_the_words_that_changed(app_store: Store) -> None:
+    long = "Keep every answer to one sentence when the caller only asks for opening hours or directions. " * 3
+    save_version(
+        app_store,
+        "assistant",
+        {
+            "system_prompt": "You are a helpful <b>phone</b> assistant. Answer clearly and very briefly. " + long,
+            "greeting": "Hi, how can I help?",
+        },
+        actor=LOCAL_OPERATOR,
+    )
+    at = _personas()
+    at.selectbox(key="personas_key").select("assistant").run()
+    assert not at.exception, at.exception
+    prompt, greeting = _word_diffs(at)
+    # Changed words are highlighted, the rest is shown as typed: HTML and Markdown in a prompt stay text.
+    assert prompt.startswith("You are a helpful :green-background[" + plain_markdown("<b>phone</b>")), prompt
+    assert ":green-background[very] briefly" in prompt and "<b>" not in prompt
+    assert greeting.startswith(":red-background[~~Hello~~]:green-background[Hi]"), greeting
+    # The line diff is still there, wrapped rather than scrolled sideways.
+    line_diffs = [c for c in at.code if c.language == "diff"]
+    assert line_diffs and all(c.proto.wrap_lines for c in line_diffs)
+
+
+def test_a_clone_is_compared_with_its_source(app_store: Store) -> None:
+    clone_persona(app_store, "support@1", "support-b", "Support, variant B", actor=LOCAL_OPERATOR)
+    save_version(app_store, "support-b", {"greeting": "Hi, support here. What went wrong?"}, actor=LOCAL_OPERATOR)
+    at = _personas()
+    at.selectbox(key="personas_key").select("support-b").run()
+    source = at.selectbox(key="personas_diff_a_support-b")
+    assert source.value == "support@1"  # "cloned from support@1": the clone is compared with where it came from
+    assert source.options[:2] == ["support-b@2", "support-b@1"] and "receptionist@1" in source.options
+    assert at.selectbox(key="personas_diff_b_support-b").value == 2
+    fields = [m.value for m in at.markdown]
+    assert "**greeting**" in fields and "**system_prompt**" not in fields
+
+    # Any persona's version can be the "From" side.
+    source.select("receptionist@1").run()
+    assert not at.exception, at.exception
+    assert {"**greeting**", "**system_prompt**"} <= {m.value for m in at.markdown}
+    assert any("receptionist" in d for d in _word_diffs(at))
+
+
+def test_choosing_a_card_to_import_stays_on_the_card_tab(app_store: Store) -> None:
+    def card(name: str) -> bytes:
+        data = {"name": name, "description": "", "first_mes": "Hi.", "system_prompt": f"You are {name}."}
+        return json.dumps({"spec": "chara_card_v2", "spec_version": "2.0", "data": data}).encode()
+
+    at = _personas()
+    place = _tabs_place(at)
+    at.file_uploader(key="personas_import").set_value(("keeper.json", card("Tab keeper"), "application/json")).run()
+    assert _tabs_place(at) == place
+    button(at, "Import").click()
+    at.run()
+    # The message above the tabs does not move them: the Card tab stays open (tests/browser checks it in chromium).
+    assert "Imported tab-keeper@1." in [s.value for s in at.success]
+    assert _tabs_place(at) == place
+    # Nor does its going away on the next run, when another card is chosen.
+    at.file_uploader(key="personas_import").set_value(("other.json", card("Other keeper"), "application/json")).run()
+    assert not at.success and _tabs_place(at) == place
+
+
+def test_backend_and_model_are_picked_from_what_the_backends_offer(app_store: Store) -> None:
+    create_persona(app_store, "pickers", "Pickers", system_prompt="You are a test persona.", actor=LOCAL_OPERATOR)
+    at = _personas()
+    at.selectbox(key="personas_key").select("pickers").run()
+    backend = at.selectbox(key="pe_backend_pickers@1")
+    assert backend.value == "(configured)" and {"(configured)", "embedded", "ollama"} <= set(backend.options)
+    assert at.selectbox(key="pe_model_pickers@1_(configured)").value == "(backend default)"
+    # The model list follows the backend at once, before anything is saved.
+    backend.select("ollama").run()
+    model = at.selectbox(key="pe_model_pickers@1_ollama")
+    assert model.options == ["(backend default)", "smollm2:135m", "qwen2.5:0.5b"]
+    model.select("qwen2.5:0.5b").run()
+    at.text_input(key="pe_note_pickers@1").input("on ollama")
+    button(at, "Save as a new version").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert "Saved pickers@2." in [s.value for s in at.success]
+    saved = get_version(app_store, "pickers@2")
+    assert (saved.backend, saved.model) == ("ollama", "qwen2.5:0.5b")
+    assert at.selectbox(key="pe_backend_pickers@2").value == "ollama"
+    assert at.selectbox(key="pe_model_pickers@2_ollama").value == "qwen2.5:0.5b"
+
+    # "(configured)" and "(backend default)" store nothing: the settings decide at run time.
+    at.selectbox(key="pe_backend_pickers@2").select("(configured)").run()
+    button(at, "Save as a new version").click()
+    at.run()
+    saved = get_version(app_store, "pickers@3")
+    assert (saved.backend, saved.model) == (None, None)
+
+    # A version's own backend and model stay selectable when nothing lists them any more.
+    save_version(app_store, "pickers", {"backend": "vllm", "model": "big-model"}, actor=LOCAL_OPERATOR)
+    save_version(app_store, "pickers", {"backend": "ollama", "model": "llama3:70b"}, actor=LOCAL_OPERATOR)
+    at = _personas()
+    at.selectbox(key="personas_key").select("pickers").run()
+    assert at.selectbox(key="pe_model_pickers@5_ollama").value == "llama3:70b"
+    at.selectbox(key="personas_version_pickers").select(4).run()
+    assert at.selectbox(key="pe_backend_pickers@4").value == "vllm"
+    assert at.selectbox(key="pe_model_pickers@4_vllm").value == "big-model"
+    assert not at.exception, at.exception
+
+
+def test_a_suite_runs_versions_of_several_personas_in_one_grid(
+    request: pytest.FixtureRequest, app_store: Store, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "hours.yaml").write_text(
+        "name: hours\nturns:\n  - say: What are your opening hours?\n    expect:\n      - contains: hours\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("CALLBOT_SUITES_DIR", str(suites))
+    get_settings.cache_clear()
+    request.addfinalizer(get_settings.cache_clear)
+    for key in ("grid-a", "grid-b"):  # on the Ollama-protocol server of conftest.py: no model needed
+        create_persona(app_store, key, key, system_prompt="You answer calls.", backend="ollama", actor=LOCAL_OPERATOR)
+    at = _personas()
+    at.selectbox(key="personas_key").select("grid-a").run()
+    versions = at.multiselect(key="ps_versions_grid-a")
+    assert versions.value == ["grid-a@1"] and {"grid-b@1", "receptionist@1"} <= set(versions.options)
+    versions.set_value(["grid-a@1", "grid-b@1"]).run()
+    button(at, "Run suite").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert any("2 case(s) of hours stored" in s.value for s in at.success)
+    summary = next(d.value for d in at.dataframe if "pass rate" in d.value.columns)
+    assert list(summary["persona"]) == ["grid-a@1", "grid-b@1"] and list(summary["pass rate"]) == ["100%", "100%"]

@@ -28,6 +28,7 @@ from callbot_core.personas.versions import (
     production_version,
     save_version,
     set_production,
+    word_diff,
 )
 from callbot_core.store.models import Conversation, Persona, PersonaVersion
 from tests.fake_ollama import FakeOllama
@@ -349,3 +350,56 @@ def test_cli_clone_and_edit(run, tmp_path: Path) -> None:
         proc = run(*args, ok=False)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
     assert "3" not in [line.split()[0] for line in run("persona", "versions", "desk").stdout.splitlines()[2:]]
+
+
+def test_word_diff_marks_the_words_that_changed() -> None:
+    assert word_diff("You are a patient English tutor.", "You are a strict English tutor!") == [
+        ("same", "You are a "),
+        ("removed", "patient"),
+        ("added", "strict"),
+        ("same", " English tutor"),
+        ("removed", "."),
+        ("added", "!"),
+    ]
+    # Added words start at a word, not at the space before it.
+    assert word_diff("a helpful assistant", "a helpful new assistant") == [
+        ("same", "a helpful "),
+        ("added", "new "),
+        ("same", "assistant"),
+    ]
+    # Spaces alone between changed words do not cut a change into pieces.
+    assert word_diff("one two three", "uno dos tres") == [("removed", "one two three"), ("added", "uno dos tres")]
+    assert word_diff("Line one.\nLine two.", "Line one.\nLine 2.") == [
+        ("same", "Line one.\nLine "),
+        ("removed", "two"),
+        ("added", "2"),
+        ("same", "."),
+    ]
+    assert word_diff("same text", "same text") == [("same", "same text")]
+    assert word_diff("", "") == []
+    assert word_diff("", "Hello") == [("added", "Hello")]
+    assert word_diff("Hello", "") == [("removed", "Hello")]
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("You are the receptionist.\n\nBe brief.", "You are Sam, the receptionist.\nBe  very brief!\n"),
+        ("a b c d e f", "f e d c b a"),
+        ("  indented\n\tline", "indented\nline  "),
+        ("Don't <b>shout</b>", "Do not <i>shout</i> :red[ever]"),
+    ],
+)
+def test_word_diff_keeps_every_character_of_both_texts(old: str, new: str) -> None:
+    spans = word_diff(old, new)
+    assert "".join(text for kind, text in spans if kind != "added") == old
+    assert "".join(text for kind, text in spans if kind != "removed") == new
+    assert all(text for _, text in spans) and all(a[0] != b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_word_diff_shows_a_rewritten_text_removed_and_added_whole() -> None:
+    old = " ".join(f"old{i}" for i in range(600))
+    new = " ".join(f"new{i}" for i in range(600))
+    assert word_diff(old, new) == [("removed", old), ("added", new)]
+    # A long prompt with a few words changed is still compared word by word.
+    assert ("added", "CHANGED") in word_diff(old, old.replace("old300 ", "CHANGED "))
