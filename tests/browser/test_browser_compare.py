@@ -22,10 +22,11 @@ from tests.browser.helpers import (
     MISSING,
     TURN_TIMEOUT_MS,
     RunningApp,
-    chat_input,
     running_app,
     screenshot,
+    send_in_chat_box,
     sign_in,
+    wait_idle,
 )
 from tests.fake_ollama import FakeOllama
 
@@ -58,30 +59,10 @@ def app(tmp_path_factory: pytest.TempPathFactory, fake_ollama: FakeOllama) -> It
         yield running
 
 
-def _idle(page: Page) -> None:
-    from playwright.sync_api import expect
-
-    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
-
-
 def _ask(page: Page, question: str) -> None:
-    """Send a caller turn, typing it again if it was swallowed (see test_browser_studio._ask: the first turn typed
-    right after *Start comparison* is now and then lost in the page's redraw)."""
-    from playwright.sync_api import Error
-
-    sent = page.get_by_test_id("stChatMessage").filter(has_text=question)
-    for _ in range(3):
-        _idle(page)
-        box = chat_input(page)
-        box.fill(question)
-        box.press("Enter")
-        try:
-            sent.first.wait_for(state="visible", timeout=10_000)
-            return
-        except Error:
-            continue
-    screenshot(page, "debug_compare_ask")
-    raise AssertionError(f"the Compare page never took {question!r}")
+    send_in_chat_box(
+        page, question, page.get_by_test_id("stChatMessage").filter(has_text=question), what="Compare page"
+    )
 
 
 def _press_start(page: Page) -> None:
@@ -92,7 +73,7 @@ def _press_start(page: Page) -> None:
 
     started = page.get_by_text("Type a caller turn below")
     for _ in range(3):
-        _idle(page)
+        wait_idle(page)
         if started.is_visible():
             return
         page.get_by_role("button", name="Start comparison").click()
@@ -114,27 +95,27 @@ def _one_blind_comparison(page: Page, app: RunningApp, n: int) -> bool:
     from playwright.sync_api import expect
 
     if n:
-        _idle(page)
+        wait_idle(page)
         page.get_by_role("button", name="New comparison").click()
     start = page.get_by_role("button", name="Start comparison")
     expect(start).to_be_visible()
     # Typed while the form is redrawn, a value can land in a replaced widget: type it until it shows.
     temperature = page.get_by_role("spinbutton", name="Temperature").nth(1)  # variant 2's
     for _ in range(3):
-        _idle(page)
+        wait_idle(page)
         temperature.fill("0.2")
         temperature.press("Enter")
-        _idle(page)
+        wait_idle(page)
         if temperature.input_value() in ("0.2", "0.20"):
             break
     expect(temperature).to_have_value(re.compile(r"^0\.20?$"))
     page.get_by_role("switch", name="Blind").check(force=True)
-    _idle(page)
+    wait_idle(page)
     expect(page.get_by_role("switch", name="Blind")).to_be_checked()
     _press_start(page)
     _ask(page, QUESTION)
     expect(page.get_by_text(re.compile(r"TTFT [\d,]+ ms"))).to_have_count(2, timeout=TURN_TIMEOUT_MS)
-    _idle(page)
+    wait_idle(page)
 
     # Before the vote: the question, two columns named only A and B, the same reply, and nothing that tells
     # them apart.
@@ -147,7 +128,7 @@ def _one_blind_comparison(page: Page, app: RunningApp, n: int) -> bool:
 
     page.get_by_role("button", name="Prefer A").click()
     expect(page.get_by_text("preferred")).to_have_count(1)
-    _idle(page)
+    wait_idle(page)
     headers = _headers(page)
     if n == 0:
         screenshot(page, "31_compare_blind_revealed")

@@ -22,9 +22,10 @@ from tests.browser.helpers import (
     TURN_TIMEOUT_MS,
     RunningApp,
     app_env,
-    chat_input,
     screenshot,
+    send_in_chat_box,
     sign_in,
+    wait_idle,
 )
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def _choose(page: Page, select: Locator, option: str) -> None:
 
     item = page.get_by_role("option", name=option, exact=True)
     for _ in range(5):
-        _idle(page)
+        wait_idle(page)
         # The arrow opens both kinds; the middle of a multiselect may be a chip, whose click does not.
         select.locator("svg").last.click()
         try:
@@ -63,35 +64,9 @@ def _choose(page: Page, select: Locator, option: str) -> None:
     raise AssertionError(f"option {option!r} never showed in {select}")
 
 
-def _idle(page: Page) -> None:
-    """Wait for the script run to end: input typed while the page is redrawn can land in a replaced widget."""
-    from playwright.sync_api import expect
-
-    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
-
-
 def _ask(page: Page, question: str) -> None:
-    """Send a caller turn on the Compare page, typing it again if it was swallowed.
-
-    Seen here: the first turn typed right after *Start comparison*, with the script already idle, now and
-    then leaves the box empty and sends nothing (about one run in three); a person typing never hits it.
-    """
-    from playwright.sync_api import Error
-
-    # Sent means the page is busy with it (spinner) or already shows it.
-    sent = page.get_by_text("Waiting for every variant").or_(page.get_by_text(question, exact=True))
-    for _ in range(3):
-        _idle(page)
-        box = chat_input(page)
-        box.fill(question)
-        box.press("Enter")
-        try:
-            sent.first.wait_for(state="visible", timeout=10_000)
-            return
-        except Error:
-            continue
-    screenshot(page, "debug_ask")
-    raise AssertionError(f"the Compare page never took {question!r}")
+    """Send a caller turn on the Compare page: sent means the page shows it."""
+    send_in_chat_box(page, question, page.get_by_text(question, exact=True), what="Compare page")
 
 
 def _select(page: Page, label: str) -> Locator:
@@ -166,7 +141,7 @@ def _walk(page: Page, app: RunningApp) -> None:
         for i, version in enumerate(wanted):
             _choose(page, _select(page, "Persona").nth(i), "Front desk (frontdesk)")
             _choose(page, _select(page, "Version").nth(i), version)
-        _idle(page)
+        wait_idle(page)
         held = [_select(page, "Version").nth(i).get_by_role("combobox").input_value() for i in range(len(wanted))]
         if held == wanted:
             break
@@ -191,7 +166,7 @@ def _walk(page: Page, app: RunningApp) -> None:
     versions = page.get_by_test_id("stMultiSelect").filter(visible=True)
     _choose(page, versions, "frontdesk@1")
     page.keyboard.press("Escape")
-    _idle(page)
+    wait_idle(page)
     temperatures = page.get_by_label("Temperatures (comma separated; empty: the version's own)")
     temperatures.fill("0.2, 0.7")
     temperatures.press("Enter")
