@@ -15,7 +15,7 @@ import random
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -606,6 +606,31 @@ def _turns_of(session: Session, conversation_id: int) -> list[int]:
     )
 
 
+# A comparison nobody said anything to in this long was left (a closed tab): its conversations are ended.
+ABANDONED_AFTER = timedelta(hours=1)
+
+
+def end_abandoned(store: Store, *, now: datetime | None = None) -> int:
+    """End the conversations of comparisons started over `ABANDONED_AFTER` ago that never got a caller turn; returns
+    how many were ended. Run when comparisons are listed or started, so none stays active for ever."""
+    cutoff = (now or utcnow()) - ABANDONED_AFTER
+    spoken = select(Message.conversation_id).where(Message.role == "user")
+    with store.session() as session:
+        idle = session.scalars(
+            select(Conversation.id)
+            .join(ComparisonVariant, ComparisonVariant.conversation_id == Conversation.id)
+            .join(Comparison, Comparison.id == ComparisonVariant.comparison_id)
+            .where(
+                Conversation.status == "active",
+                Comparison.created_at < cutoff,
+                ~ComparisonVariant.comparison_id.in_(
+                    select(ComparisonVariant.comparison_id).where(ComparisonVariant.conversation_id.in_(spoken))
+                ),
+            )
+        ).all()
+        return sum(mark_ended(session, cid) for cid in idle)
+
+
 def end_comparison(store: Store, comparison_id: int, *, actor: Actor) -> int:
     """End every variant's conversation (a reply still streaming is stored as interrupted); returns how many were
     still active. A comparison left for a new one, with or without turns, must not stay active for ever."""
@@ -735,6 +760,7 @@ def get_comparison(store: Store, comparison_id: int) -> ComparisonDetail:
 
 def list_comparisons(store: Store, limit: int = 50, *, created_by: int | None = None) -> list[ComparisonRow]:
     """The newest comparisons first, optionally only one user's."""
+    end_abandoned(store)
     n_variants = (
         select(ComparisonVariant.comparison_id.label("cid"), func.count().label("n"))
         .group_by(ComparisonVariant.comparison_id)

@@ -449,3 +449,26 @@ def test_ending_a_comparison_ends_its_conversations_even_without_turns(service, 
     assert end_comparison(store, info.id, actor=LOCAL_OPERATOR) == 0  # ending twice is harmless
     with pytest.raises(NotFound):
         end_comparison(store, info.id + 999, actor=LOCAL_OPERATOR)
+
+
+def test_a_comparison_left_without_a_turn_is_ended_after_an_hour(service, store) -> None:
+    from datetime import timedelta
+
+    from callbot_core.experiments.comparisons import ABANDONED_AFTER, end_abandoned, list_comparisons
+    from callbot_core.store.models import utcnow
+
+    silent = start_comparison(service, [Variant("receptionist@1"), Variant("tutor@1")], actor=LOCAL_OPERATOR)
+    spoken = start_comparison(service, [Variant("receptionist@1"), Variant("tutor@1")], actor=LOCAL_OPERATOR)
+    send_turn(service, spoken.id, "Hello?", actor=LOCAL_OPERATOR)
+
+    def statuses(info) -> set[str]:  # type: ignore[no-untyped-def]
+        with store.session() as session:
+            ids = [v.conversation_id for v in info.variants]
+            return set(session.scalars(select(Conversation.status).where(Conversation.id.in_(ids))))
+
+    assert end_abandoned(store) == 0 and statuses(silent) == {"active"}  # just started: not abandoned yet
+    later = utcnow() + ABANDONED_AFTER + timedelta(minutes=1)
+    assert end_abandoned(store, now=later) == 2
+    assert statuses(silent) == {"ended"} and statuses(spoken) == {"active"}  # one that was spoken to stays
+    list_comparisons(store)  # listing runs the sweep too (nothing left to end)
+    assert statuses(spoken) == {"active"}
