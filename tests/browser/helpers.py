@@ -190,6 +190,20 @@ def wait_idle(page: Page) -> None:
     expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
 
 
+def click_button(page: Page, name: str) -> None:
+    """Click the one button called `name` once the page is idle and drawn once.
+
+    Seen in CI: right after sign-in a rerun can still show the previous run's button beside the new one (a stale
+    element), and a strict locator then finds two.
+    """
+    from playwright.sync_api import expect
+
+    wait_idle(page)
+    button = page.get_by_role("button", name=name, exact=True)
+    expect(button).to_have_count(1)
+    button.click()
+
+
 def send_in_chat_box(page: Page, text: str, sent: Locator, *, what: str = "page") -> None:
     """Type `text` into the chat box and press Enter until `sent` shows that it was taken.
 
@@ -222,6 +236,7 @@ def sign_in(page: Page, base_url: str, username: str = ADMIN_USERNAME, password:
     form.get_by_role("button", name="Login").click()
     wait_signed_in(page)
     wait_for_auth_cookie(page)
+    wait_idle(page)
 
 
 def wait_for_auth_cookie(page: Page, timeout_s: float = 15.0) -> None:

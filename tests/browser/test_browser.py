@@ -22,6 +22,7 @@ from tests.browser.helpers import (
     WATCH_STREAM_JS,
     RunningApp,
     chat_input,
+    click_button,
     screenshot,
     sign_in,
     wait_signed_in,
@@ -67,7 +68,7 @@ def test_chat_end_to_end(page: Page, app: RunningApp) -> None:
 
     # Receptionist is the default persona; the selectbox shows it before anything is chosen.
     expect(page.get_by_role("combobox", name="Persona")).to_have_value("Clinic receptionist (receptionist)")
-    page.get_by_role("button", name="New conversation").click()
+    click_button(page, "New conversation")
     expect(chat_input(page)).to_be_visible()
     expect(page.get_by_text(re.compile(r"Conversation \d+ · receptionist@"))).to_be_visible()
     greetings = _bubbles(page, "assistant").count()  # the persona's greeting, if it has one
@@ -116,7 +117,7 @@ def test_code_in_a_message_shows_its_angle_brackets(page: Page, app: RunningApp)
     from playwright.sync_api import expect
 
     sign_in(page, app.base_url)
-    page.get_by_role("button", name="New conversation").click()
+    click_button(page, "New conversation")
     expect(chat_input(page)).to_be_visible()
     greetings = _bubbles(page, "assistant").count()
     _send(page, "What does `<div>` mean?")

@@ -24,6 +24,7 @@ from tests.browser.helpers import (
     TURN_TIMEOUT_MS,
     RunningApp,
     chat_input,
+    click_button,
     running_app,
     screenshot,
     sign_in,
@@ -65,7 +66,7 @@ def _new_conversation(page: Page, app: RunningApp) -> None:
 
     sign_in(page, app.base_url)
     expect(page.get_by_role("combobox", name="Backend").first).to_have_value("ollama")
-    page.get_by_role("button", name="New conversation").click()
+    click_button(page, "New conversation")
     expect(_bubbles(page, "assistant")).to_have_count(1)  # the greeting
     expect(chat_input(page)).to_be_enabled()
 
