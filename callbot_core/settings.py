@@ -49,6 +49,38 @@ class Settings(BaseSettings):
     # sign-in throttling then counts the real client, not the proxy everyone shares.
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # The HTTP API (`callbot api`): the largest request body it reads.
+    api_max_body_bytes: int = Field(1_048_576, ge=1024)
+    # Redis (e.g. redis://127.0.0.1:6379/0): live events across processes, shared rate limits, the response cache.
+    # Unset: all three stay in the process.
+    redis_url: str | None = None
+    # Every Redis key and channel starts with this (live events: "{prefix}:conversation:{id}"), so several
+    # workbenches, or test runs, can share one Redis without hearing each other.
+    redis_key_prefix: str = Field("callbot", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+    # The Streamlit process serves its Prometheus metrics on this port (127.0.0.1 only) when set.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    # Structured logs leave message text out unless this is true.
+    log_content: bool = False
+    # Rate limits of the API (access/limits.py): requests per window, per client address and per API key (or user,
+    # for a token), for each group of routes; 0 turns that one off. Shared by replicas through Redis when redis_url
+    # is set. Sign-in is POST /v1/auth/token: its lockout stops guessing one account, this stops one address
+    # trying many.
+    rate_limit_signin_per_client: int = Field(10, ge=0)
+    rate_limit_signin_window_s: int = Field(60, ge=1)
+    # Making API keys (POST /v1/apikeys): admins only, so a flood here is a stolen credential or a runaway script.
+    rate_limit_keys_per_client: int = Field(30, ge=0)
+    rate_limit_keys_per_key: int = Field(10, ge=0)
+    rate_limit_keys_window_s: int = Field(60, ge=1)
+    # Chat (turns and /v1/chat/completions): each one occupies the model, the scarce thing on one machine.
+    rate_limit_chat_per_client: int = Field(120, ge=0)
+    rate_limit_chat_per_key: int = Field(60, ge=0)
+    rate_limit_chat_window_s: int = Field(60, ge=1)
+    # Replay a seeded deterministic turn's reply from Redis instead of asking the backend again
+    # (conversations/cache.py). Opt-in: a cached reply hides a backend's own variation; needs redis_url.
+    response_cache: bool = False
+    # How long a cached reply is kept: long enough for a suite replayed through a working day.
+    response_cache_ttl_s: int = Field(86_400, ge=1)
+
     llm_backend: str = "embedded"
     llm_model: str | None = None
     gguf_path: Path | None = None

@@ -1,4 +1,5 @@
-"""Admin: users (add, role, password, lock, unlock, delete), the audit log, and the backends' health.
+"""Admin: users (add, role, password, lock, unlock, delete), API keys (make, list, revoke), the audit log, and the
+backends' health.
 
 A new password, a new role and a lock end every open session of that user (the engine revokes them); an admin who
 changes their own password or role is signed out here too, and signs in again."""
@@ -11,7 +12,8 @@ import pandas as pd
 import streamlit as st
 
 from app.common import FAILED, backend_picker, client_addr, current_user, require, run_action, service, store
-from callbot_core.access import audit, sessions
+from callbot_core.access import apikeys, audit, sessions
+from callbot_core.access.permissions import SCOPES
 from callbot_core.access.signin import (
     LOCKED_UNTIL_UNLOCKED,
     create_user,
@@ -62,7 +64,8 @@ if flash := st.session_state.pop(FLASH, None):
     st.success(flash)
 
 
-users_tab, audit_tab, backend_tab = st.tabs(["Users", "Audit log", "Backends"])
+users_tab, keys_tab, audit_tab, backend_tab = st.tabs(["Users", "API keys", "Audit log", "Backends"])
+NEW_KEY = "admin_new_api_key"
 
 with users_tab:
     now = utcnow()
@@ -153,8 +156,67 @@ with users_tab:
                     _act(f"{who_goes} deleted; their open sessions have ended.", delete_user, store(), who_goes,
                          actor=user, client_addr=client_addr())  # fmt: skip
 
+with keys_tab:
+    st.caption(
+        "Programs use the HTTP API with a key instead of a password (`Authorization: Bearer cbk_…`). A key acts as its "
+        "user, never beyond their role, narrowed to its scopes. Only a hash is stored: a key is shown once."
+    )
+    if made := st.session_state.pop(NEW_KEY, None):
+        st.success("Key made. Copy it now: it is not stored and cannot be shown again.")
+        st.code(made, language=None)
+    keys = apikeys.list_keys(store(), actor=user)
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "id": k.id,
+                    "user": k.username,
+                    "name": k.name,
+                    "key": k.prefix + "…",
+                    "scopes": ", ".join(k.scopes),
+                    "state": k.state(now),
+                    "expires": k.expires_at.strftime("%Y-%m-%d") if k.expires_at else "never",
+                    "last used": k.last_used_at.strftime("%Y-%m-%d %H:%M") if k.last_used_at else "never",
+                    "requests": k.requests,
+                    "made by": k.created_by or "",
+                }
+                for k in keys
+            ],
+            columns=["id", "user", "name", "key", "scopes", "state", "expires", "last used", "requests", "made by"],
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+    make_col, revoke_col = st.columns(2)
+    with make_col, st.form("admin_make_key", clear_on_submit=True):
+        st.markdown("**Make a key**")
+        key_user = st.selectbox("For user", names, key="admin_key_user")
+        key_name = st.text_input("Name (what it is for)", key="admin_key_name", max_chars=apikeys.MAX_NAME_CHARS)
+        key_scopes = st.multiselect("Scopes", SCOPES, default=list(apikeys.DEFAULT_SCOPES), key="admin_key_scopes")
+        key_expiry = st.selectbox("Expires", ["never", "7d", "30d", "90d", "365d"], index=3, key="admin_key_expiry")
+        if st.form_submit_button("Make key"):
+            new = run_action(
+                apikeys.create_key, store(), key_user, key_name, actor=user, scopes=key_scopes,
+                expires_in=apikeys.parse_expiry(key_expiry), client_addr=client_addr(),
+            )  # fmt: skip
+            if new is not FAILED:
+                st.session_state[NEW_KEY] = new.key
+                st.rerun()
+    with revoke_col, st.form("admin_revoke_key"):
+        st.markdown("**Revoke a key** (refused from its next request on)")
+        live_keys = [k for k in keys if k.state(now) == "active"]
+        revoked = st.selectbox(
+            "Key", live_keys, format_func=lambda k: f"#{k.id} {k.name} ({k.username}, {k.prefix}…)",
+            key="admin_revoke_key_id", placeholder="No active keys",
+        )  # fmt: skip
+        if st.form_submit_button("Revoke", disabled=not live_keys) and revoked is not None:
+            _act(f"Key #{revoked.id} {revoked.name!r} revoked.", apikeys.revoke_key, store(), revoked.id, actor=user,
+                 client_addr=client_addr())  # fmt: skip
+
 with audit_tab:
-    prefix = st.selectbox("Actions", ["all", "login.", "logout", "user.", "conversation."], key="admin_audit_prefix")
+    prefix = st.selectbox(
+        "Actions", ["all", "login.", "logout", "user.", "apikey.", "conversation."], key="admin_audit_prefix"
+    )
     entries = audit.recent(store(), actor=user, limit=500, action_prefix=None if prefix == "all" else prefix)
     st.dataframe(
         pd.DataFrame(

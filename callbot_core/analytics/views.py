@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Bump when a table's columns, a copy expression or a view changes: an older snapshot is then rebuilt.
-SNAPSHOT_FORMAT = 5
+SNAPSHOT_FORMAT = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +119,7 @@ TABLES: dict[str, list[Column]] = {
         Column("backend_load_ms", "DOUBLE"),
         Column("backend_total_ms", "DOUBLE"),
         Column("trimmed_messages", "INTEGER"),
+        Column("cached", "BOOLEAN"),
         Column("error", "VARCHAR"),
         _ts("created_at"),
         # Filled from the snapshot's own messages when the turn is copied (see the module docstring).
@@ -227,6 +228,7 @@ SELECT
     tm.completion_tokens,
     tm.tokens_per_s,
     tm.trimmed_messages,
+    tm.cached,
     tm.error,
     tm.error IS NOT NULL AS failed,
     tm.user_words,
@@ -484,6 +486,7 @@ _TURN_COLUMNS = [
     ("completion_tokens", "tokens in the reply (NULL when failed)"),
     ("tokens_per_s", "decode speed of the reply"),
     ("trimmed_messages", "history messages dropped to fit the context window"),
+    ("cached", "the reply came from the API's response cache, not the backend"),
     ("error", "what failed, or NULL"),
     ("failed", "error IS NOT NULL"),
     ("user_words", "words in the caller's message"),

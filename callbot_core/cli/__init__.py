@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import click
 
-from callbot_core.cli import analytics, chat, conversations, evals, personas, reports, simulate, store, users
+from callbot_core.cli import analytics, api, chat, conversations, evals, personas, reports, simulate, store, users
 from callbot_core.cli._common import AS_USER_KEY
 from callbot_core.conversations.validation import NOT_UTF8
 from callbot_core.errors import CallbotError
@@ -30,6 +30,8 @@ def cli(ctx: click.Context, as_user: str | None) -> None:
 for command in (
     store.db,
     store.app_cmd,
+    api.api_cmd,
+    api.apikey,
     users.user,
     personas.personas_list,
     personas.persona_group,

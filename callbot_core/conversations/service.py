@@ -24,6 +24,8 @@ from sqlalchemy.orm import Session
 
 from callbot_core.access.permissions import Actor, require
 from callbot_core.backends.llm import GenerationParams, LLMBackend, get_backend
+from callbot_core.conversations.cache import cache_from, use_response_cache
+from callbot_core.conversations.continuation import clean_earlier
 from callbot_core.conversations.observers import ObserverList, StoreObserver, TurnObserver
 from callbot_core.conversations.summaries import summarise_transcript
 from callbot_core.conversations.turn import (
@@ -116,6 +118,9 @@ class ConversationService:
         self._backends = backends or (lambda name: get_backend(name, self.settings))
         self.stages: list[Stage] = list(stages) if stages is not None else default_stages()
         self.observers: list[TurnObserver] = [StoreObserver(), *observers]
+        cache = cache_from(self.settings)  # opt-in: deterministic turns' replies from Redis (cache.py)
+        if cache is not None:
+            use_response_cache(self, cache)
         self._reconcile()
 
     def _reconcile(self) -> None:
@@ -154,16 +159,21 @@ class ConversationService:
         model: str | None = None,
         channel: str = "text",
         variables: dict[str, str] | None = None,
+        earlier: Sequence[tuple[str, str]] = (),
     ) -> ConversationInfo:
         """Open a conversation with `persona` (`key` or `key@version`) for `actor`; the greeting is its first message.
 
         `variables` fill `{{name}}` placeholders in the system prompt (caller_name, today, persona_name...).
-        The conversation belongs to the actor's user (none for the command line's local operator).
+        The conversation belongs to the actor's user (none for the command line's local operator) and, when the
+        actor acts through an API key, remembers the key. `earlier` (role, text) messages, user or assistant, are
+        stored after the greeting as the conversation's history (a client bringing a conversation held elsewhere);
+        they get no turn metrics.
         """
         require(actor, "chat")
         if channel not in CHANNELS:
             raise InvalidInput(f"Channel {channel!r} is not valid; channels: {', '.join(CHANNELS)}")
         given = clean_variables(variables)
+        history = clean_earlier(earlier, max_chars=self.settings.max_message_chars)
         self._reconcile()
         with self.store.session() as session:
             version = get_persona_version(session, persona)
@@ -177,6 +187,7 @@ class ConversationService:
                 channel=channel,
                 status="active",
                 variables={**default_variables(version.persona.name), **given},
+                api_key_id=getattr(actor, "key_id", None),
             )
             session.add(conversation)
             session.flush()
@@ -189,6 +200,7 @@ class ConversationService:
                         token_count=None,
                     )
                 )
+            session.add_all(Message(conversation_id=conversation.id, role=r, text=t) for r, t in history)
             return ConversationInfo(
                 id=conversation.id,
                 persona_key=version.persona.key,
@@ -238,7 +250,9 @@ class ConversationService:
         require(actor, "chat")  # ending and summarising change the conversation, as a turn does
         with self.store.session() as session:
             conversation_row(session, conversation_id)  # an unknown id is an error here, not a quiet no-op
-            mark_ended(session, conversation_id)
+            ended = mark_ended(session, conversation_id)
+        if ended:  # told once stored, before the summaries (a slow model call) are written
+            ObserverList(self.observers).notify("conversation_ended", conversation_id)
         return self.summarise(conversation_id, actor=actor)
 
     def summarise(self, conversation_id: int, *, actor: Actor) -> Summaries:

@@ -86,6 +86,30 @@ class UserSession(Base):
     client_addr: Mapped[str | None] = mapped_column(String(64))
 
 
+API_SCOPES = ("chat", "read", "admin")
+
+
+class ApiKey(Base):
+    """A key a program uses instead of a password (`callbot_core.access.apikeys`). Only the SHA-256 digest of the
+    key is stored; `prefix` (its first characters) lets a person tell their keys apart in a list. A key acts as its
+    user, narrowed to its scopes; it is refused once revoked, expired, or its user is gone or locked by an admin."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[str] = mapped_column(String(100))  # comma-separated, from API_SCOPES
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class Persona(Base):
     __tablename__ = "personas"
 
@@ -170,6 +194,8 @@ class Conversation(Base):
     # The prompt variables as resolved at start ({{today}} included): every turn renders the system prompt
     # with these, so a conversation keeps its prompt across restarts, processes and midnight.
     variables: Mapped[dict | None] = mapped_column(JSON)
+    # The API key that started it, when a program did (the HTTP API): which key made which calls.
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"), index=True)
 
     persona_version: Mapped[PersonaVersion] = relationship()
     user: Mapped[User | None] = relationship()
@@ -221,6 +247,8 @@ class TurnMetrics(Base):
     backend_total_ms: Mapped[float | None] = mapped_column(Float)
     # How many history messages were dropped to fit the context window: trimming is visible, not silent.
     trimmed_messages: Mapped[int] = mapped_column(Integer, default=0)
+    # The reply came from the response cache (a seeded, deterministic request seen before), not the backend.
+    cached: Mapped[bool] = mapped_column(Boolean, default=False)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

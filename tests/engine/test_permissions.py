@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from callbot_core.access.permissions import (
     ACTIONS,
     LOCAL_OPERATOR,
     SCHEDULER,
+    SCOPES,
     OperatorActor,
     allowed,
     pipeline_actor,
@@ -43,10 +45,10 @@ PW = "long-enough-1"
 
 # What each role may do, written out by hand: the table must say exactly this.
 EXPECTED = {
-    "viewer": {"conversation.read", "sql.run", "query.save"},
+    "viewer": {"conversation.read", "sql.run", "query.save", "metrics.read"},
     "researcher": {
         "chat", "persona.edit", "persona.promote", "compare", "suite.run", "conversation.read", "report.run",
-        "sql.run", "query.save",
+        "sql.run", "query.save", "metrics.read",
     },
     "admin": set(ACTIONS),
 }  # fmt: skip
@@ -65,6 +67,36 @@ def test_every_action_names_known_roles_and_says_what_it_is() -> None:
 def test_each_role_may_do_exactly_its_actions(role: str) -> None:
     actor = OperatorActor(username="someone", role=role)
     assert {name for name in ACTIONS if allowed(actor, name)} == EXPECTED[role]
+
+
+@dataclass(frozen=True)
+class _KeyActor:
+    username: str
+    role: str
+    scopes: frozenset[str]
+
+
+# What each API key scope allows on top of the role, written out by hand.
+SCOPED = {
+    "read": {"conversation.read", "sql.run", "query.save", "metrics.read"},
+    "chat": {"chat", "persona.edit", "persona.promote", "compare", "suite.run", "report.run"},
+}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_key_s_scopes_narrow_its_role_and_never_widen_it(role: str) -> None:
+    for scopes in (frozenset({"read"}), frozenset({"chat"}), frozenset({"chat", "read"}), frozenset()):
+        actor = _KeyActor("someone", role, scopes)
+        widest = set().union(*(SCOPED.get(s, set()) for s in scopes))
+        assert {name for name in ACTIONS if allowed(actor, name)} == EXPECTED[role] & widest, (role, scopes)
+    full = _KeyActor("someone", role, frozenset(SCOPES))
+    assert {name for name in ACTIONS if allowed(full, name)} == EXPECTED[role]
+    with (
+        pytest.raises(PermissionDenied, match="needs the 'chat' scope")
+        if role != "viewer"
+        else pytest.raises(PermissionDenied, match="may not chat")
+    ):
+        require(_KeyActor("someone", role, frozenset({"read"})), "chat")
 
 
 def test_viewers_read_and_run_sql_but_do_not_chat_or_change_anything() -> None:
