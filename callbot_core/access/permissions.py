@@ -19,29 +19,38 @@ RESEARCH = frozenset({ADMIN, RESEARCHER})
 ADMINS = frozenset({ADMIN})
 
 
+# An API key carries scopes that narrow what its user's role allows (never widen it): each action needs one.
+CHAT, READ, ADMIN_SCOPE = "chat", "read", "admin"
+SCOPES = (CHAT, READ, ADMIN_SCOPE)
+
+
 @dataclass(frozen=True, slots=True)
 class Action:
     roles: frozenset[str]
     # Completes "… may not …" in the refusal, so the one-line error says what was refused.
     doing: str
+    # The API key scope this action needs (a person signed in with a password holds every scope).
+    scope: str = READ
 
 
 # The one table. Add an action here, then call `require(actor, "name")` in the engine function it guards.
 ACTIONS: dict[str, Action] = {
-    "chat": Action(RESEARCH, "chat with personas"),
-    "persona.edit": Action(RESEARCH, "create, edit, clone, import or archive personas"),
-    "persona.promote": Action(RESEARCH, "move a persona's production label"),
-    "compare": Action(RESEARCH, "compare persona versions or vote on them"),
-    "suite.run": Action(RESEARCH, "run scenario suites"),
-    "conversation.read": Action(EVERYONE, "read conversations"),
-    "conversation.delete": Action(ADMINS, "delete conversations"),
-    "report.run": Action(RESEARCH, "run reports"),
-    "report.other_database": Action(ADMINS, "point a report at another database"),
-    "sql.run": Action(EVERYONE, "run SQL over the store"),
-    "query.save": Action(EVERYONE, "save, share or delete their own saved queries"),
-    "query.delete_others": Action(ADMINS, "delete other users' saved queries"),
-    "user.manage": Action(ADMINS, "manage users"),
-    "audit.read": Action(ADMINS, "read the audit log"),
+    "chat": Action(RESEARCH, "chat with personas", CHAT),
+    "persona.edit": Action(RESEARCH, "create, edit, clone, import or archive personas", CHAT),
+    "persona.promote": Action(RESEARCH, "move a persona's production label", CHAT),
+    "compare": Action(RESEARCH, "compare persona versions or vote on them", CHAT),
+    "suite.run": Action(RESEARCH, "run scenario suites", CHAT),
+    "conversation.read": Action(EVERYONE, "read conversations", READ),
+    "conversation.delete": Action(ADMINS, "delete conversations", ADMIN_SCOPE),
+    "report.run": Action(RESEARCH, "run reports", CHAT),
+    "report.other_database": Action(ADMINS, "point a report at another database", ADMIN_SCOPE),
+    "sql.run": Action(EVERYONE, "run SQL over the store", READ),
+    "query.save": Action(EVERYONE, "save, share or delete their own saved queries", READ),
+    "query.delete_others": Action(ADMINS, "delete other users' saved queries", ADMIN_SCOPE),
+    "user.manage": Action(ADMINS, "manage users", ADMIN_SCOPE),
+    "apikey.manage": Action(ADMINS, "create, list or revoke API keys", ADMIN_SCOPE),
+    "audit.read": Action(ADMINS, "read the audit log", ADMIN_SCOPE),
+    "metrics.read": Action(EVERYONE, "read the service's metrics", READ),
 }
 
 
@@ -75,13 +84,22 @@ def pipeline_actor(job: str) -> OperatorActor:
     return OperatorActor(username=f"pipeline:{job}", role=SCHEDULER.role)
 
 
+def _scopes(actor: Actor) -> frozenset[str] | None:
+    """The API key scopes an actor is limited to; None (every scope) for anyone not acting through a key."""
+    return getattr(actor, "scopes", None)
+
+
 def allowed(actor: Actor | None, action: str) -> bool:
-    """Whether `actor` may do `action`; an unknown action is a programming error, not a refusal."""
+    """Whether `actor` may do `action`: its role allows it and, acting through an API key, the key's scopes hold
+    the action's scope. An unknown action is a programming error, not a refusal."""
     try:
         rule = ACTIONS[action]
     except KeyError:
         raise ValueError(f"Unknown action {action!r}: add it to ACTIONS in access/permissions.py") from None
-    return actor is not None and actor.role in rule.roles
+    if actor is None or actor.role not in rule.roles:
+        return False
+    scopes = _scopes(actor)
+    return scopes is None or rule.scope in scopes
 
 
 def require(actor: Actor | None, action: str) -> None:
@@ -91,6 +109,14 @@ def require(actor: Actor | None, action: str) -> None:
     rule = ACTIONS[action]
     if actor is None:
         raise PermissionDenied(f"Sign in first: only a signed-in user may {rule.doing}", action=action, role="")
+    scopes = _scopes(actor)
+    if actor.role in rule.roles and scopes is not None:
+        raise PermissionDenied(
+            f"This API key of {actor.username} may not {rule.doing}: it needs the {rule.scope!r} scope"
+            f" (the key has: {', '.join(sorted(scopes)) or 'none'})",
+            action=action,
+            role=actor.role,
+        )
     raise PermissionDenied(
         f"{actor.username} ({actor.role}) may not {rule.doing}; allowed roles: {', '.join(sorted(rule.roles))}",
         action=action,
