@@ -5,7 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from callbot_core.api.app import create_app
-from callbot_core.logs import configure_logging
+from callbot_core.conversations.logs import configure_logging
 from callbot_core.settings import Settings
 
 
