@@ -177,12 +177,11 @@ with keys_tab:
                     "state": k.state(now),
                     "expires": k.expires_at.strftime("%Y-%m-%d") if k.expires_at else "never",
                     "last used": k.last_used_at.strftime("%Y-%m-%d %H:%M") if k.last_used_at else "never",
-                    "requests": k.requests,
                     "made by": k.created_by or "",
                 }
                 for k in keys
             ],
-            columns=["id", "user", "name", "key", "scopes", "state", "expires", "last used", "requests", "made by"],
+            columns=["id", "user", "name", "key", "scopes", "state", "expires", "last used", "made by"],
         ),
         hide_index=True,
         width="stretch",

@@ -7,7 +7,8 @@ at once when revoked or expired, when its user is deleted (the row goes with the
 unlocked. A lockout after failed password guesses does not stop keys: a stranger guessing passwords must not cut
 off a program that holds a key.
 
-Every use counts on the key (`requests`, `last_used_at`), and a conversation a key starts remembers it.
+A key's `last_used_at` is kept to the minute (written at most once a minute, so a busy key does not turn every
+request into a write); a conversation a key starts remembers it, and every request's log line names its key.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from callbot_core.access import audit
 from callbot_core.access.permissions import SCOPES, Actor, require
@@ -34,6 +35,8 @@ SHOWN_CHARS = 12  # "cbk_" and 8 more: enough to tell keys apart, far too few to
 MAX_NAME_CHARS = 100
 DEFAULT_SCOPES = ("chat", "read")
 MAX_EXPIRY = timedelta(days=3650)
+# last_used_at is written at most this often per key: a write per request would serialise SQLite under load.
+USE_RESOLUTION = timedelta(minutes=1)
 _DURATION = re.compile(r"^\s*(\d{1,5})\s*([dhm])\s*$")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
@@ -50,7 +53,6 @@ class KeyInfo:
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
-    requests: int
 
     def state(self, now: datetime | None = None) -> str:
         """active, expired or revoked: what a list shows."""
@@ -121,7 +123,6 @@ def _info(row: ApiKey, username: str) -> KeyInfo:
         expires_at=row.expires_at,
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
-        requests=row.requests,
     )
 
 
@@ -158,7 +159,6 @@ def create_key(
             created_at=now,
             created_by=actor.username,
             expires_at=now + expires_in if expires_in is not None else None,
-            requests=0,
         )
         session.add(row)
         session.flush()
@@ -219,13 +219,16 @@ def actor_for_key(store: Store, key: str | None) -> KeyActor | None:
             return None
         if user.locked_until is not None and user.locked_until >= LOCKED_UNTIL_UNLOCKED:
             return None
-        # One UPDATE, not read-modify-write: parallel requests with the same key all count.
-        session.execute(
-            update(ApiKey)
-            .where(ApiKey.id == row.id)
-            .values(requests=ApiKey.requests + 1, last_used_at=now)
-            .execution_options(synchronize_session=False)
-        )
+        if row.last_used_at is None or row.last_used_at < now - USE_RESOLUTION:
+            # Conditional, so of parallel requests only one writes; the rest of the minute is read-only.
+            session.execute(
+                update(ApiKey)
+                .where(
+                    ApiKey.id == row.id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - USE_RESOLUTION)
+                )
+                .values(last_used_at=now)
+                .execution_options(synchronize_session=False)
+            )
         info = user_info(user)
         return KeyActor(
             id=user.id,

@@ -58,7 +58,7 @@ def apikey_create(username: str, name: str, scopes: str, expires: str) -> None: 
 @apikey.command("list")
 @click.option("--user", "username", default=None, help="Only this user's keys.")
 def apikey_list(username: str | None) -> None:
-    """Every key, newest first: its id, owner, name, first characters, scopes, state and use."""
+    """Every key, newest first: its id, owner, name, first characters, scopes, state and last use."""
     from callbot_core.access import apikeys
 
     store = open_checked_store()
@@ -69,10 +69,10 @@ def apikey_list(username: str | None) -> None:
     rows = [
         (k.id, k.username, k.name, k.prefix + "…", ",".join(k.scopes), k.state(),
          f"{k.expires_at:%Y-%m-%d}" if k.expires_at else "never",
-         f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "-", k.requests)
+         f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "-")
         for k in keys
     ]  # fmt: skip
-    click.echo(table(["id", "user", "name", "key", "scopes", "state", "expires", "last used", "requests"], rows))
+    click.echo(table(["id", "user", "name", "key", "scopes", "state", "expires", "last used"], rows))
 
 
 @apikey.command("revoke")

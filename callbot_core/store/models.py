@@ -107,7 +107,6 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    requests: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Persona(Base):

@@ -121,7 +121,7 @@ def test_a_key_acts_as_its_user_within_its_scopes(api: Api) -> None:
         assert "researcher-user (researcher) may not" in r.json()["error"]["message"]
 
 
-def test_a_key_is_shown_once_stored_as_a_hash_and_counts_its_use(api: Api) -> None:
+def test_a_key_is_shown_once_stored_as_a_hash_and_its_use_is_kept_to_the_minute(api: Api) -> None:
     key = api.key("researcher")
     with api.client(key) as c:
         for _ in range(3):
@@ -130,7 +130,12 @@ def test_a_key_is_shown_once_stored_as_a_hash_and_counts_its_use(api: Api) -> No
         rows = list(s.scalars(select(ApiKey)))
     assert len(rows) == 1
     assert key not in {rows[0].key_hash, rows[0].prefix} and key.startswith(rows[0].prefix)
-    assert rows[0].requests == 3 and rows[0].last_used_at is not None
+    first_use = rows[0].last_used_at
+    assert first_use is not None
+    with api.client(key) as c:  # within the minute: no write
+        assert c.get("/v1/health/backends").status_code == 200
+    with api.store.session() as s:
+        assert s.scalar(select(ApiKey.last_used_at)) == first_use
 
 
 def test_revoked_expired_and_locked_keys_are_refused_at_once(api: Api) -> None:

@@ -80,14 +80,13 @@ class KeyOut(BaseModel):
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
-    requests: int
 
     @classmethod
     def of(cls, info: apikeys.KeyInfo) -> KeyOut:
         return cls(
             id=info.id, username=info.username, name=info.name, prefix=info.prefix, scopes=list(info.scopes),
             state=info.state(), created_at=info.created_at, created_by=info.created_by, expires_at=info.expires_at,
-            revoked_at=info.revoked_at, last_used_at=info.last_used_at, requests=info.requests,
+            revoked_at=info.revoked_at, last_used_at=info.last_used_at,
         )  # fmt: skip
 
 
