@@ -67,6 +67,9 @@ class TurnObserver:
         an interrupted stream); None when nothing was stored (a refusal), when the end was stored by someone else
         (the conversation ended, the turn was reconciled), or when storing the end failed."""
 
+    def conversation_ended(self, conversation_id: int) -> None:
+        """`ConversationService.end` ended the conversation (stored; its summaries are written after this)."""
+
 
 class ObserverList:
     """Hands each event to every observer in order.
@@ -120,6 +123,7 @@ class StoreObserver(TurnObserver):
             backend_load_ms=usage.backend_load_ms if usage else None,
             backend_total_ms=usage.backend_total_ms if usage else None,
             trimmed_messages=turn.trimmed,
+            cached=turn.cached and ok,
             error=turn.error[:MAX_ERROR_CHARS] if turn.error is not None else None,
         )
         session.add(metrics)

@@ -78,6 +78,7 @@ class TurnResult:
     tokens_per_s: float | None
     trimmed_messages: int
     error: str | None = None
+    cached: bool = False  # the reply came from the response cache (cache.py), not the backend
 
 
 class EmptyReply(BackendError):
@@ -140,6 +141,7 @@ class TurnContext:
     pieces: list[str] = field(default_factory=list)
     reply_text: str = ""
     usage: Usage | None = None
+    cached: bool = False  # the reply was replayed from the response cache (cache.py); the backend was not called
     # stored when the turn starts (after the stages that may refuse it)
     user_message_id: int | None = None
     # persist
@@ -509,6 +511,7 @@ def _run(
     if failure is None:
         observers.notify("turn_finished", turn)
         return
+    turn.notes["failure"] = failure  # for observers that count errors by class: no exception is being handled here
     observers.notify("turn_failed", turn, turn.error or error_text(failure))
     if isinstance(failure, GeneratorExit):
         return  # what closing a generator expects; a stream closed before it was read just ends
@@ -566,6 +569,7 @@ def _result(turn: TurnContext) -> TurnResult | None:
         completion_tokens=turn.completion_tokens,
         tokens_per_s=turn.tokens_per_s,
         trimmed_messages=turn.trimmed,
+        cached=turn.cached,
     )
 
 
