@@ -18,6 +18,8 @@ from callbot_core.access import permissions
 from callbot_core.access.clients import client_address
 from callbot_core.access.signin import UserInfo
 from callbot_core.backends.llm import available_backends
+from callbot_core.conversations.events import live_observers
+from callbot_core.conversations.metrics import PrometheusObserver, serve_metrics
 from callbot_core.conversations.service import ConversationService
 from callbot_core.errors import CallbotError, PermissionDenied
 from callbot_core.personas.catalog import PersonaChoice
@@ -31,7 +33,11 @@ USER_KEY = "cb_user"
 def _engine() -> tuple[Settings, Store, ConversationService]:
     settings = get_settings()
     store = open_store(settings)
-    return settings, store, ConversationService(store, settings)
+    # With Redis configured, the app's turns are published too: the API's WebSocket listeners see them.
+    service = ConversationService(store, settings, observers=[*live_observers(settings), PrometheusObserver()])
+    # The same metrics as the API's /metrics, on 127.0.0.1 only (no sign-in guards that port); once per process.
+    serve_metrics(settings.metrics_port, store)
+    return settings, store, service
 
 
 def settings() -> Settings:

@@ -26,6 +26,7 @@ from app.common import (
 from app.rendering import highlight, plain_markdown
 from callbot_core.access.signin import list_users
 from callbot_core.conversations.transcripts import (
+    MessageRow,
     delete_conversation,
     export_conversations,
     get_conversation,
@@ -39,6 +40,8 @@ PAGE_SIZE = 100
 OPEN = "conv_open_id"
 SNIPPETS_SHOWN = 20
 CLICKED = "conv_clicked_row"
+# How often "Follow live" re-reads an open conversation: a turn shows within this of being stored.
+FOLLOW_EVERY_S = 2
 
 user = current_user()
 st.title("Conversations")
@@ -175,6 +178,37 @@ else:
     if chosen is not None:
         st.session_state[OPEN] = chosen
 
+
+def show_messages(messages: list[MessageRow]) -> None:
+    for day, same_day in groupby(messages, key=lambda m: m.created_at.date()):
+        st.markdown(f"##### {day:%A %d %B %Y}")
+        for m in same_day:
+            with st.chat_message("user" if m.role == "user" else "assistant"):
+                st.markdown(safe_markdown(m.text))
+                meta = f"{m.created_at:%H:%M:%S}"
+                if m.error:
+                    st.caption(f"{meta} · :red-badge[failed] {safe_markdown(m.error)}")
+                elif m.ttft_ms is not None:
+                    st.markdown(f"{meta} " + metric_chips(m.ttft_ms, m.tokens_per_s, m.completion_tokens, m.total_ms))
+                else:
+                    st.caption(meta)
+
+
+@st.fragment(run_every=FOLLOW_EVERY_S)
+def follow_live(conversation_id: int) -> None:
+    """The conversation re-read from the store on a timer: only this part of the page reruns. Turns from any
+    process (the API, a phone stack, another tab) show once stored; the page reruns whole when the call ends."""
+    try:
+        now = get_conversation(store(), conversation_id)
+    except CallbotError as exc:  # deleted meanwhile
+        st.error(str(exc))
+        return
+    show_messages(now.messages)
+    if now.row.status != "active":
+        st.rerun()  # the whole page: the toggle goes and the summary shows
+    st.caption(f":green-badge[live] {now.row.turns} turn(s) · checked {datetime.now(UTC):%H:%M:%S} UTC")
+
+
 open_id = st.session_state.get(OPEN)
 if open_id is not None and rows and open_id in {r.id for r in rows}:
     try:
@@ -197,18 +231,15 @@ if open_id is not None and rows and open_id in {r.id for r in rows}:
             if detail.summary_full:
                 with st.expander("Full summary"):
                     st.markdown(safe_markdown(detail.summary_full))
-    for day, messages in groupby(detail.messages, key=lambda m: m.created_at.date()):
-        st.markdown(f"##### {day:%A %d %B %Y}")
-        for m in messages:
-            with st.chat_message("user" if m.role == "user" else "assistant"):
-                st.markdown(safe_markdown(m.text))
-                meta = f"{m.created_at:%H:%M:%S}"
-                if m.error:
-                    st.caption(f"{meta} · :red-badge[failed] {safe_markdown(m.error)}")
-                elif m.ttft_ms is not None:
-                    st.markdown(f"{meta} " + metric_chips(m.ttft_ms, m.tokens_per_s, m.completion_tokens, m.total_ms))
-                else:
-                    st.caption(meta)
+    following = r.status == "active" and st.toggle(
+        "Follow live",
+        key=f"conv_follow_{r.id}",
+        help=f"Show new turns as they are stored (every {FOLLOW_EVERY_S} s), wherever they are sent from",
+    )
+    if following:
+        follow_live(r.id)
+    else:
+        show_messages(detail.messages)
 
     if allowed("conversation.delete"):
         with st.expander("Delete this conversation"):
