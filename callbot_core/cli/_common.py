@@ -25,6 +25,15 @@ def open_checked_store(migrated: bool = True) -> Store:
     return store
 
 
+def open_service(store: Store):  # type: ignore[no-untyped-def]
+    """The conversation service for a command: with Redis configured its turns are published, so the API's live
+    listeners see a `callbot chat` as they see the app's turns."""
+    from callbot_core.conversations.events import live_observers
+    from callbot_core.conversations.service import ConversationService
+
+    return ConversationService(store=store, observers=live_observers(get_settings()))
+
+
 def acting_user(store: Store) -> Actor:
     """Who acts in this command: the stored user named by `--as` (else CALLBOT_CLI_USER), with that user's role;
     without either, the local operator (an admin: whoever runs the CLI already holds the store's credentials)."""

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from callbot_core.cli._common import acting_user, fmt_ms, open_checked_store, parse_assignments
+from callbot_core.cli._common import acting_user, fmt_ms, open_checked_store, open_service, parse_assignments
 from callbot_core.errors import CallbotError, InvalidInput
 
 # -- backends ----------------------------------------------------------------------------------
@@ -79,7 +79,6 @@ def chat(
 
     In the REPL, /end ends the conversation and prints its summaries; /quit leaves it open.
     """
-    from callbot_core.conversations.service import ConversationService
     from callbot_core.conversations.validation import clean_message
     from callbot_core.settings import get_settings
 
@@ -88,7 +87,7 @@ def chat(
         clean_message(message, max_chars=get_settings().max_message_chars)
     given = parse_assignments(variables, error="--var {raw} is not NAME=VALUE, e.g. --var caller_name=Ann")
     store = open_checked_store()
-    service = ConversationService(store=store)
+    service = open_service(store)
     actor = acting_user(store)
     info = service.start(persona, actor=actor, backend=backend, model=model, channel="text", variables=given)
     click.secho(

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from sqlalchemy import case, func, select
 
-from callbot_core.cli._common import acting_user, open_checked_store, parse_assignments, table
+from callbot_core.cli._common import acting_user, open_checked_store, open_service, parse_assignments, table
 from callbot_core.errors import InvalidInput
 
 
@@ -54,14 +54,13 @@ def eval_run(
     suite_path: Path, personas: tuple[str, ...], repeat: int, params: tuple[str, ...], concurrency: int
 ) -> None:
     """Run SUITE against every --persona × --param combination and print a summary."""
-    from callbot_core.conversations.service import ConversationService
     from callbot_core.experiments.evals import load_suite, run_suite
     from callbot_core.experiments.evals.runner import format_params
 
     suite = load_suite(suite_path)
     grid = parse_param_option(params)
     store = open_checked_store()
-    service = ConversationService(store=store)
+    service = open_service(store)
     actor = acting_user(store)
     bar_state: dict[str, int] = {"shown": 0}
     with click.progressbar(length=1, label=f"Running {suite.name}", file=click.get_text_stream("stderr")) as bar:

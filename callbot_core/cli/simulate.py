@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from callbot_core.cli._common import acting_user, open_checked_store
+from callbot_core.cli._common import acting_user, open_checked_store, open_service
 
 
 @click.command("simulate")
@@ -25,13 +25,12 @@ def simulate_cmd(
     caller_model: str | None,
 ) -> None:
     """Run a simulated call (stored with channel "simulated") and print its transcript."""
-    from callbot_core.conversations.service import ConversationService
     from callbot_core.experiments.simulated import CallerPersona, simulate_call
 
     caller = CallerPersona(goal=goal, personality=personality, turns=turns, opening=opening)
     caller.validate()
     store = open_checked_store()
-    service = ConversationService(store=store)
+    service = open_service(store)
 
     def show(turn) -> None:  # type: ignore[no-untyped-def]
         click.echo(f"caller: {turn.caller}")
