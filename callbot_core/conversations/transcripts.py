@@ -123,6 +123,7 @@ def list_conversations(
     persona: str | None = None,
     username: str | None = None,
     status: str | None = None,
+    channel: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     ids: Iterable[int] | None = None,
@@ -147,6 +148,8 @@ def list_conversations(
         query = query.where(User.username == username)
     if status:
         query = query.where(Conversation.status == status)
+    if channel:
+        query = query.where(Conversation.channel == channel)
     if since:
         query = query.where(Conversation.started_at >= since)
     if until:

@@ -405,11 +405,13 @@ def run_report(
     actor: Actor,
     progress: Progress | None = None,
     settings: Settings | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> ReportRunInfo:
     """Run a report notebook now as `actor` and return its stored run (succeeded or failed; a failure is not raised).
 
     Raises PermissionDenied, NotFound for an unknown report and InvalidInput for bad parameters, before anything
-    is stored.
+    is stored. `on_start` gets the run's id once its row is stored: a front end that runs the report in the
+    background (the HTTP API) answers with it before the notebook finishes.
     """
     import papermill
 
@@ -440,6 +442,8 @@ def run_report(
         session.flush()
         run_id = row.id
         audit.record(session, "report.run", actor=actor.username, target=f"{name}#{run_id}", detail=shown)
+    if on_start is not None:
+        on_start(run_id)
 
     nb_path = out_dir / f"{run_id}-{name}.ipynb"
     html_path = out_dir / f"{run_id}-{name}.html"

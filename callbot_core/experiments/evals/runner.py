@@ -14,7 +14,10 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+
+from sqlalchemy import select
 
 from callbot_core.access.permissions import Actor, require
 from callbot_core.backends.llm import GenerationParams, runs_serially
@@ -22,10 +25,11 @@ from callbot_core.conversations.service import ConversationService, mark_ended
 from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.experiments.evals.assertions import AssertionContext, Outcome, evaluate
 from callbot_core.experiments.evals.suite import Suite
-from callbot_core.jobs.runs import worker_id
+from callbot_core.jobs.runs import reap_stale, worker_id
 from callbot_core.personas.catalog import get_persona_version
 from callbot_core.personas.fields import FIELDS, params_for, with_overrides
-from callbot_core.store.models import EvalResult, EvalRun, utcnow
+from callbot_core.store import Store
+from callbot_core.store.models import EVAL_STATUSES, EvalResult, EvalRun, utcnow
 
 # Grid parameters a suite run may vary, and how each value is read (their ranges are in personas/fields.py).
 GRID_PARAMS: dict[str, type] = {name: f.kind for name, f in FIELDS.items()}
@@ -148,9 +152,11 @@ def run_suite(
     actor: Actor,
     progress: Progress | None = None,
     context: AssertionContext | None = None,
+    batch_id: str | None = None,
 ) -> BatchResult:
     """Run every cell of the grid as `actor` (its runs record their username) and store it; bad input is refused
-    before anything is stored."""
+    before anything is stored. `batch_id` (from `new_batch_id`) lets a caller that runs it in the background name
+    the batch before it ends; the first `progress(0, total)` says the input was accepted."""
     require(actor, "suite.run")
     refs = list(persona_refs) or ([suite.persona] if suite.persona else [])
     if not refs:
@@ -180,7 +186,7 @@ def run_suite(
     context = context or AssertionContext()
     if context.judge_backends is None:
         context.judge_backends = service.backend
-    batch = BatchResult(new_batch_id(), suite.name, [])
+    batch = BatchResult(batch_id or new_batch_id(), suite.name, [])
     total = len(cells)
     if progress:
         progress(0, total)
@@ -198,6 +204,36 @@ def run_suite(
                 progress(done, total)
     batch.cells.sort(key=lambda c: c.run_id)
     return batch
+
+
+@dataclass(frozen=True, slots=True)
+class BatchProgress:
+    """A batch's cells as the store holds them: how many are in each status, when the first started and, once
+    none is running, when the last finished."""
+
+    batch: str
+    suite: str
+    cells: dict[str, int]
+    started_at: datetime
+    finished_at: datetime | None
+
+
+def batch_progress(store: Store, batch: str) -> BatchProgress | None:
+    """The stored state of batch `batch`, or None when it has no cell stored (yet). Cells whose process died are
+    ended first (`reap_stale`), so a killed run reads as errors, not as running for ever."""
+    reap_stale(store)
+    with store.session() as session:
+        rows = session.execute(
+            select(EvalRun.suite, EvalRun.status, EvalRun.started_at, EvalRun.finished_at).where(EvalRun.batch == batch)
+        ).all()
+    if not rows:
+        return None
+    cells = {status: 0 for status in EVAL_STATUSES}
+    for row in rows:
+        cells[row.status] += 1
+    ends = [row.finished_at for row in rows]
+    finished = None if cells["running"] or None in ends else max(e for e in ends if e is not None)
+    return BatchProgress(batch, rows[0].suite, cells, min(row.started_at for row in rows), finished)
 
 
 def _combinations(grid: dict[str, list[float]]) -> list[dict[str, Any]]:
