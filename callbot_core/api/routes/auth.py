@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from callbot_core.access import apikeys, tokens
 from callbot_core.api.auth import Context, CurrentActor, bearer, client_addr, unauthorized
-from callbot_core.api.errors import ERROR_RESPONSES
+from callbot_core.api.errors import ERROR_RESPONSES, ErrorBody
 
 router = APIRouter(tags=["auth"], responses=ERROR_RESPONSES)
 
@@ -108,7 +108,11 @@ async def list_keys(ctx: Context, actor: CurrentActor, username: str | None = No
     return [KeyOut.of(k) for k in found]
 
 
-@router.post("/v1/apikeys", response_model=KeyCreated, status_code=201, tags=["apikeys"])
+NO_USER = {404: {"model": ErrorBody, "description": "No such user"}}
+NO_KEY = {404: {"model": ErrorBody, "description": "No such key"}}
+
+
+@router.post("/v1/apikeys", response_model=KeyCreated, status_code=201, tags=["apikeys"], responses=NO_USER)
 async def create_key(body: KeyCreate, request: Request, ctx: Context, actor: CurrentActor) -> KeyCreated:
     """Make a key for a user (admins only); the answer holds the key, the only time it is shown."""
 
@@ -122,7 +126,7 @@ async def create_key(body: KeyCreate, request: Request, ctx: Context, actor: Cur
     return KeyCreated(**KeyOut.of(new.info).model_dump(), key=new.key)
 
 
-@router.delete("/v1/apikeys/{key_id}", status_code=204, tags=["apikeys"])
+@router.delete("/v1/apikeys/{key_id}", status_code=204, tags=["apikeys"], responses=NO_KEY)
 async def revoke_key(key_id: int, request: Request, ctx: Context, actor: CurrentActor) -> None:
     """Revoke a key (admins only): refused from the next request on."""
     await run_in_threadpool(apikeys.revoke_key, ctx.store, key_id, actor=actor, client_addr=client_addr(request))
