@@ -220,6 +220,7 @@ def test_the_api_answers_seeded_greedy_turns_from_the_cache(serve) -> None:
             assert r.status_code == 200, r.text
             replies.append(r.json())
         assert len(api.backend.requests) == 1 and replies[0]["text"] == replies[1]["text"]
+        assert [r["cached"] for r in replies] == [False, True]  # the answer says so, as the store does
         assert replies[1]["ttft_ms"] is not None
         with api.store.session() as s:
             cached = dict(s.execute(select(TurnMetrics.conversation_id, TurnMetrics.cached)).all())

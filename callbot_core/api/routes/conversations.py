@@ -229,6 +229,7 @@ class TurnOut(BaseModel):
     tokens_per_s: float | None
     trimmed_messages: int
     error: str | None
+    cached: bool = Field(False, description="The reply came from the response cache (CALLBOT_RESPONSE_CACHE)")
 
     @classmethod
     def of(cls, conversation_id: int, result: TurnResult) -> TurnOut:
@@ -237,6 +238,7 @@ class TurnOut(BaseModel):
             assistant_message_id=result.assistant_message_id, text=result.text, ttft_ms=result.ttft_ms,
             total_ms=result.total_ms, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
             tokens_per_s=result.tokens_per_s, trimmed_messages=result.trimmed_messages, error=result.error,
+            cached=result.cached,
         )  # fmt: skip
 
 
