@@ -180,7 +180,10 @@ def groups_from(settings: Settings) -> dict[str, Group]:
 
 def limiter_for(settings: Settings) -> RateLimiter:
     """Redis when configured (limits shared by replicas), this process otherwise."""
-    return RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter()
+    if not settings.redis_url:
+        return MemoryLimiter()
+    # Under the configured prefix, as events and the cache: workbenches sharing one Redis keep apart.
+    return RedisLimiter(settings.redis_url, prefix=f"{settings.redis_key_prefix}:rl")
 
 
 @dataclass(frozen=True, slots=True)

@@ -224,4 +224,6 @@ def cache_from(settings: Settings) -> ResponseCache | None:
         return None
     if not settings.redis_url:
         raise ConfigError("CALLBOT_RESPONSE_CACHE=true needs CALLBOT_REDIS_URL: the cache is kept in Redis")
-    return ResponseCache(settings.redis_url, ttl_s=settings.response_cache_ttl_s)
+    return ResponseCache(
+        settings.redis_url, ttl_s=settings.response_cache_ttl_s, prefix=f"{settings.redis_key_prefix}:cache"
+    )

@@ -65,6 +65,8 @@ def serve(store: Store, api_settings: Settings, backend: Scripted) -> Iterator[C
     servers: list[LiveServer] = []
 
     def start(limiter: RateLimiter | None = None, **changes: object) -> Api:
+        # A Redis prefix of this test's own: other tests (another xdist worker, another run) share the server.
+        changes.setdefault("redis_key_prefix", f"test-{uuid.uuid4().hex[:12]}")
         settings = api_settings.model_copy(update=changes)
 
         def use_limiter(app: object, ctx: object) -> None:
