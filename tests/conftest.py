@@ -130,6 +130,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         # The `callbot` command in a subprocess pays the interpreter's start and imports on every call.
         if "run" in fixtures or "cli" in fixtures:
             item.add_marker(pytest.mark.slow)
+        # `make test` runs on two xdist workers (--dist loadgroup): the browser tests share one worker, one at a
+        # time, as they always ran; each starts an app and a chromium, and two at once on two cores starve both.
+        if item.get_closest_marker("browser") is not None or item.nodeid.startswith("tests/browser/"):
+            item.add_marker(pytest.mark.xdist_group("browser"))
 
 
 @pytest.fixture(scope="session")

@@ -3,33 +3,12 @@ its secret, refused once revoked; bad options answered in one line."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-from click.testing import CliRunner, Result
 
 from callbot_core.access import apikeys
 from callbot_core.access.permissions import LOCAL_OPERATOR
 from callbot_core.access.signin import create_user
-from callbot_core.cli import cli
-from callbot_core.settings import get_settings
 from callbot_core.store import Store
-
-
-@pytest.fixture
-def callbot(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    monkeypatch.setenv("CALLBOT_DATABASE_URL", store.url)
-    monkeypatch.setenv("CALLBOT_RUNTIME_DIR", str(tmp_path / "runtime"))
-    monkeypatch.delenv("CALLBOT_CLI_USER", raising=False)
-    get_settings.cache_clear()
-    runner = CliRunner()
-
-    def _invoke(*args: str) -> Result:
-        return runner.invoke(cli, list(args))
-
-    yield _invoke
-    get_settings.cache_clear()
 
 
 def test_a_key_is_printed_once_listed_without_it_and_revoked(store: Store, callbot) -> None:  # type: ignore[no-untyped-def]

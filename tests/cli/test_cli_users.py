@@ -3,11 +3,6 @@ runner), and once as a real subprocess for the one-line errors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-from click.testing import CliRunner, Result
 from sqlalchemy import update
 
 from callbot_core.access import sessions
@@ -20,28 +15,10 @@ from callbot_core.access.signin import (
     get_user_info,
     is_locked,
 )
-from callbot_core.cli import cli
-from callbot_core.settings import get_settings
 from callbot_core.store import Store
 from callbot_core.store.models import User, utcnow
 
 PW = "long-enough-1"
-
-
-@pytest.fixture
-def callbot(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    """`callbot ARGS` in this process against the test store; returns click's result."""
-    monkeypatch.setenv("CALLBOT_DATABASE_URL", store.url)
-    monkeypatch.setenv("CALLBOT_RUNTIME_DIR", str(tmp_path / "runtime"))
-    monkeypatch.delenv("CALLBOT_CLI_USER", raising=False)
-    get_settings.cache_clear()
-    runner = CliRunner()
-
-    def _invoke(*args: str, input: str | None = None) -> Result:
-        return runner.invoke(cli, list(args), input=input)
-
-    yield _invoke
-    get_settings.cache_clear()
 
 
 def _session(store: Store, username: str) -> str:

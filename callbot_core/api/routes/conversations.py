@@ -156,7 +156,13 @@ class ConversationPage(BaseModel):
     next_offset: int | None = Field(description="The offset of the next page; null on the last one")
 
 
+# Read straight off the engine's dataclasses (the same field names): one list of fields, not a copy per route.
+READ_ATTRIBUTES = ConfigDict(from_attributes=True)
+
+
 class MessageOut(BaseModel):
+    model_config = READ_ATTRIBUTES
+
     id: int
     role: str
     text: str
@@ -177,6 +183,8 @@ class ConversationDetailOut(ConversationRowOut):
 
 
 class SearchHitOut(BaseModel):
+    model_config = READ_ATTRIBUTES
+
     conversation_id: int
     source: Literal["message", "summary"]
     message_id: int | None
@@ -324,17 +332,7 @@ async def search_conversations(
         return transcripts.search(ctx.store, q, limit=limit)
 
     hits = await run_in_threadpool(_search)
-    return [
-        SearchHitOut(
-            conversation_id=h.conversation_id,
-            source=h.source,
-            message_id=h.message_id,
-            role=h.role,
-            snippet=h.snippet,
-            created_at=h.created_at,
-        )  # fmt: skip
-        for h in hits
-    ]
+    return [SearchHitOut.model_validate(h) for h in hits]
 
 
 EXPORT_TYPES = {"jsonl": "application/jsonl", "csv": "text/csv; charset=utf-8"}
@@ -409,22 +407,7 @@ async def show_conversation(
 
     detail = await run_in_threadpool(_get)
     row = ConversationRowOut.of(detail.row)
-    messages = [
-        MessageOut(
-            id=m.id,
-            role=m.role,
-            text=m.text,
-            created_at=m.created_at,
-            token_count=m.token_count,
-            ttft_ms=m.ttft_ms,
-            total_ms=m.total_ms,
-            tokens_per_s=m.tokens_per_s,
-            prompt_tokens=m.prompt_tokens,
-            completion_tokens=m.completion_tokens,
-            error=m.error,
-        )  # fmt: skip
-        for m in detail.messages
-    ]
+    messages = [MessageOut.model_validate(m) for m in detail.messages]
     return ConversationDetailOut(
         **row.model_dump(), system_prompt=detail.system_prompt, summary_full=detail.summary_full, messages=messages
     )

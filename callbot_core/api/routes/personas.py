@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from callbot_core.api.auth import Context, CurrentActor
@@ -38,6 +38,8 @@ PersonaRef = Annotated[
 
 
 class PersonaOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read off catalog.PersonaSummary, whose fields these are
+
     key: str
     name: str
     description: str
@@ -95,19 +97,7 @@ async def list_personas(
 ) -> list[PersonaOut]:
     """Every persona with its latest and production version numbers."""
     found = await run_in_threadpool(all_personas, ctx.store)
-    return [
-        PersonaOut(
-            key=p.key,
-            name=p.name,
-            description=p.description,
-            latest=p.latest,
-            versions=p.versions,
-            production=p.production,
-            archived=p.archived,
-        )  # fmt: skip
-        for p in found
-        if archived or not p.archived
-    ]
+    return [PersonaOut.model_validate(p) for p in found if archived or not p.archived]
 
 
 @router.get("/v1/personas/{key}", response_model=PersonaDetail, responses=NOT_FOUND)
