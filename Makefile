@@ -28,10 +28,12 @@ run: install
 	$(BIN)/callbot db upgrade
 	$(BIN)/callbot app
 
-# Everything: the real models, the browser, PostgreSQL (CI fails rather than skips when one is missing).
+# Everything: the real models, the browser, PostgreSQL (CI fails rather than skips when one is missing), on both
+# cores: two xdist workers, each with its own PostgreSQL database; the browser tests share one worker
+# (tests/conftest.py: pytest_xdist_make_scheduler).
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 # While you work: no model, no browser, no subprocess-heavy test, on two workers (each with its own PostgreSQL test
 # database), in under 2 minutes. Markers are listed in pyproject.toml.

@@ -121,6 +121,23 @@ def settings(tmp_path: Path, store_url: str) -> Settings:
     )
 
 
+# Tests that drive the app in chromium. `make test` runs on two xdist workers; these all go to one of them, one at a
+# time, as they always ran: each starts an app and a chromium, and two at once on two cores starve both (seen here).
+BROWSER_TESTS = ("tests/browser/", "tests/bench/test_bench.py::test_app_load")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's own `loadgroup` does not group under this pytest (its node-id suffix is not seen); a scope scheduler
+    whose one shared scope is the browser tests' does the same: every other test is a scope of its own."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class BrowserTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "browser" if nodeid.startswith(BROWSER_TESTS) else nodeid
+
+    return BrowserTestsTogether(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
@@ -130,10 +147,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         # The `callbot` command in a subprocess pays the interpreter's start and imports on every call.
         if "run" in fixtures or "cli" in fixtures:
             item.add_marker(pytest.mark.slow)
-        # `make test` runs on two xdist workers (--dist loadgroup): the browser tests share one worker, one at a
-        # time, as they always ran; each starts an app and a chromium, and two at once on two cores starve both.
-        if item.get_closest_marker("browser") is not None or item.nodeid.startswith("tests/browser/"):
-            item.add_marker(pytest.mark.xdist_group("browser"))
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,22 @@ from tests.engine.scripted import Scripted
 PASSWORD = "correct horse battery"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """API tests run on SQLite; those marked `both_stores` run on PostgreSQL too. What the API adds is the same over
+    either store, and the store itself is tested on both (tests/engine/); a PostgreSQL run of every API test doubled
+    their time for nothing new."""
+    dropped = [
+        item
+        for item in items
+        if item.nodeid.startswith("tests/api/")
+        and getattr(getattr(item, "callspec", None), "params", {}).get("store_url") == "postgresql"
+        and item.get_closest_marker("both_stores") is None
+    ]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in set(dropped)]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

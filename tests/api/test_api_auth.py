@@ -44,6 +44,7 @@ def test_a_token_from_a_password_works_until_signed_out(api: Api) -> None:
         assert _error(c.get("/v1/health/backends")) == (401, "unauthorized")
 
 
+@pytest.mark.both_stores
 def test_a_wrong_password_gets_one_answer_and_locks_after_five(api: Api) -> None:
     name = api.user("researcher")
     with api.client() as c:
@@ -138,6 +139,7 @@ def test_a_key_is_shown_once_stored_as_a_hash_and_its_use_is_kept_to_the_minute(
         assert s.scalar(select(ApiKey.last_used_at)) == first_use
 
 
+@pytest.mark.both_stores
 def test_revoked_expired_and_locked_keys_are_refused_at_once(api: Api) -> None:
     admin = api.key("admin", scopes="admin", name="boss")
     victim = api.key("researcher")

@@ -72,6 +72,7 @@ def _count(api: Api, model: type) -> int:
         return s.scalar(select(func.count()).select_from(model)) or 0
 
 
+@pytest.mark.both_stores
 def test_a_whole_conversation_start_chat_show_search_export_end_delete(api: Api) -> None:
     researcher = api.key("researcher")
     admin = api.key("admin", scopes="chat,read,admin", name="boss")
@@ -149,6 +150,7 @@ def test_a_summariser_that_fails_still_ends_the_conversation_and_says_so(api: Ap
         assert c.get(f"/v1/conversations/{cid}").json()["status"] == "ended"
 
 
+@pytest.mark.both_stores
 def test_listing_filters_and_pages(api: Api) -> None:
     with api.client(api.key("researcher")) as c:
         ids = [_start(c, p)["id"] for p in ("receptionist", "receptionist", "support")]
@@ -359,6 +361,7 @@ class SlowPieces:
             yield f" word{i}"
 
 
+@pytest.mark.both_stores
 def test_a_client_that_hangs_up_mid_stream_leaves_the_turn_interrupted(api: Api) -> None:
     slow = SlowPieces()
     api.backend.pieces = slow  # type: ignore[assignment]

@@ -418,6 +418,7 @@ print(json.dumps({"text": text, "turn_id": turn.result.user_message_id}))
 """
 
 
+@pytest.mark.both_stores
 def test_a_turn_sent_by_another_process_reaches_listeners_here(redis_api: Api, tmp_path: Path) -> None:
     key = redis_api.key("researcher")
     actor = actor_of(redis_api, key)

@@ -192,6 +192,7 @@ def test_the_api_counts_in_redis_when_configured(store: Store, api_settings: Set
     assert isinstance(limiter_of(api_settings.model_copy(update={"redis_url": _redis_url()})), RedisLimiter)
 
 
+@pytest.mark.both_stores
 def test_turns_stop_at_the_limit_and_a_refused_one_stores_nothing(serve, limiter: RateLimiter) -> None:
     api = serve(limiter, rate_limit_chat_per_key=3)
     with api.client(api.key()) as c:

@@ -89,6 +89,7 @@ def test_models_are_personas_and_their_versions(api: Api) -> None:
 # -- completions ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.both_stores
 def test_a_completion_is_a_stored_api_turn_with_metrics(api: Api) -> None:
     key = api.key()
     raw = sdk(api, key).chat.completions.with_raw_response.create(
@@ -208,6 +209,7 @@ def test_the_header_continues_a_conversation(api: Api) -> None:
     assert history[-3:] == [("user", "Hi, I need an appointment"), ("assistant", REPLY), ("user", "Tomorrow at 9?")]
 
 
+@pytest.mark.both_stores
 def test_the_user_field_and_resent_history_continue_a_conversation(api: Api) -> None:
     client = sdk(api, api.key())
     system = {"role": "system", "content": "ignored"}

@@ -190,6 +190,27 @@ def wait_idle(page: Page) -> None:
     expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
 
 
+def open_page(page: Page, base_url: str, path: str, heading: str) -> None:
+    """Open a page of the signed-in app by its address and wait for its heading.
+
+    Seen on this machine's chromium (156.0.8078.114), also with the code of the previous session: a page opened by
+    address right after signing in now and then comes up as Chat, the first page. A person would click the page in
+    the sidebar; so does this, once, when the address did not take (noted on the issue as an open app bug).
+    """
+    from playwright.sync_api import Error, expect
+
+    page.goto(f"{base_url}/{path}")
+    wanted = page.get_by_role("heading", name=heading, level=1)
+    try:
+        wanted.wait_for(state="visible", timeout=10_000)
+        return
+    except Error:
+        pass
+    wait_idle(page)
+    page.locator("[data-testid=stSidebarNav]").get_by_role("link", name=heading, exact=True).click()
+    expect(wanted).to_be_visible()
+
+
 def click_button(page: Page, name: str) -> None:
     """Click the one button called `name` once the page is idle and drawn once.
 
@@ -236,7 +257,6 @@ def sign_in(page: Page, base_url: str, username: str = ADMIN_USERNAME, password:
     form.get_by_role("button", name="Login").click()
     wait_signed_in(page)
     wait_for_auth_cookie(page)
-    wait_idle(page)
 
 
 def wait_for_auth_cookie(page: Page, timeout_s: float = 15.0) -> None:

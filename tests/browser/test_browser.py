@@ -23,6 +23,7 @@ from tests.browser.helpers import (
     RunningApp,
     chat_input,
     click_button,
+    open_page,
     screenshot,
     sign_in,
     wait_signed_in,
@@ -180,8 +181,7 @@ def test_sql_console_in_the_browser(page: Page, app: RunningApp) -> None:
     from playwright.sync_api import expect
 
     sign_in(page, app.base_url)
-    page.goto(app.base_url + "/analytics")
-    wait_signed_in(page)
+    open_page(page, app.base_url, "analytics", "Analytics")
     editor = page.get_by_role("textbox", name="SQL")
     editor.fill("select persona, count(*) as turns from turns group by 1")
     page.get_by_role("button", name="Run", exact=True).click()
@@ -246,8 +246,7 @@ def test_dashboard_export_opens_offline(page: Page, app: RunningApp, tmp_path) -
 
     _add_dashboard_turns(app.database_url)
     sign_in(page, app.base_url)
-    page.goto(app.base_url + "/dashboards")
-    wait_signed_in(page)
+    open_page(page, app.base_url, "dashboards", "Dashboards")
     expect(page.locator("[data-testid=stPlotlyChart]").first).to_be_visible()
     page.get_by_role("button", name="Export dashboard").click()
     with page.expect_download() as info:

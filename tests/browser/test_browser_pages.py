@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.browser.helpers import IN_CI, MISSING, RunningApp, screenshot, sign_in
+from tests.browser.helpers import IN_CI, MISSING, RunningApp, open_page, screenshot, sign_in
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -41,13 +41,11 @@ def _plant(app: RunningApp) -> None:
 
 
 def test_every_page_reads_without_none_or_errors(page: Page, app: RunningApp) -> None:
-    from playwright.sync_api import expect
 
     _plant(app)
     sign_in(page, app.base_url)
     for path in PAGES:
-        page.goto(f"{app.base_url}/{path}")
-        expect(page.get_by_role("heading", name=HEADINGS[path], level=1)).to_be_visible()
+        open_page(page, app.base_url, path, HEADINGS[path])
         page.wait_for_timeout(1500)  # charts and tables draw after the heading
         main = page.locator("[data-testid=stMain]")
         # Tables are drawn on a canvas; their cells are also in the grid's accessible DOM, which is read here.

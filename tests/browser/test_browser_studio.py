@@ -22,6 +22,7 @@ from tests.browser.helpers import (
     TURN_TIMEOUT_MS,
     RunningApp,
     app_env,
+    open_page,
     screenshot,
     send_in_chat_box,
     sign_in,
@@ -93,8 +94,7 @@ def _walk(page: Page, app: RunningApp) -> None:
     from playwright.sync_api import expect
 
     sign_in(page, app.base_url)
-    page.goto(app.base_url + "/personas")
-    expect(page.get_by_role("heading", name="Personas", level=1)).to_be_visible()
+    open_page(page, app.base_url, "personas", "Personas")
 
     # Clone the receptionist: the page then shows the clone.
     page.get_by_role("tab", name="Manage").click()
@@ -132,8 +132,7 @@ def _walk(page: Page, app: RunningApp) -> None:
     screenshot(page, "21_studio_diff")
 
     # Compare version 1 and version 2 side by side on three questions; prefer version 2 each time.
-    page.goto(app.base_url + "/compare")
-    expect(page.get_by_role("heading", name="Compare", level=1)).to_be_visible()
+    open_page(page, app.base_url, "compare", "Compare")
     # Picking variant 2's persona reruns the page while variant 1's version may still be on its way: check what the
     # pickers hold, and pick again until both are taken (a person sees the value and picks again too).
     wanted = ["1", "2"]
@@ -168,8 +167,7 @@ def _walk(page: Page, app: RunningApp) -> None:
     screenshot(page, "22_studio_compared")
 
     # Run the shipped receptionist suite on both versions at two temperatures, from the Personas page.
-    page.goto(app.base_url + "/personas")
-    expect(page.get_by_role("heading", name="Personas", level=1)).to_be_visible()
+    open_page(page, app.base_url, "personas", "Personas")
     _choose(page, _select(page, "Persona"), "frontdesk")
     page.get_by_role("tab", name="Suites").click()
     _choose(page, _select(page, "Suite"), "receptionist.yaml")
@@ -186,8 +184,7 @@ def _walk(page: Page, app: RunningApp) -> None:
     screenshot(page, "23_studio_suite")
 
     # Promote version 2 on the Leaderboard.
-    page.goto(app.base_url + "/leaderboard")
-    expect(page.get_by_role("heading", name="Leaderboard", level=1)).to_be_visible()
+    open_page(page, app.base_url, "leaderboard", "Leaderboard")
     _choose(page, _select(page, "Version"), "frontdesk@2")
     page.get_by_role("button", name="Promote to production").click()
     _flash(page, "frontdesk@2 is now the production version.")

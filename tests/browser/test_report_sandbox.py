@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.browser.helpers import IN_CI, MISSING, RunningApp, screenshot, sign_in
+from tests.browser.helpers import IN_CI, MISSING, RunningApp, open_page, screenshot, sign_in
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -66,8 +66,7 @@ def test_a_script_in_a_report_runs_in_an_opaque_origin_and_cannot_reach_the_app(
 
     label = _plant_report(app, tmp_path)
     sign_in(page, app.base_url)
-    page.goto(app.base_url + "/reports")
-    expect(page.get_by_role("heading", name="Reports", exact=True)).to_be_visible()
+    open_page(page, app.base_url, "reports", "Reports")
     title = page.title()
 
     page.get_by_role("combobox", name="Open a report").click()
