@@ -28,12 +28,14 @@ run: install
 	$(BIN)/callbot db upgrade
 	$(BIN)/callbot app
 
-# Everything: the real models, the browser, PostgreSQL (CI fails rather than skips when one is missing), on both
-# cores: two xdist workers, each with its own PostgreSQL database; the browser tests share one worker
-# (tests/conftest.py: pytest_xdist_make_scheduler).
+# Everything: the real models, the browser, PostgreSQL (CI fails rather than skips when one is missing). The browser
+# and model tests run one at a time (each drives chromium and an app, or the model, on both cores: two at once starve
+# each other, seen here); the rest then runs on two xdist workers, each with its own PostgreSQL database.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -n 2
+	@$(BIN)/pytest -q -m "browser or model"; first=$$?; \
+	$(BIN)/pytest -q -n 2 -m "not browser and not model"; second=$$?; \
+	[ $$first -eq 0 ] && [ $$second -eq 0 ]
 
 # While you work: no model, no browser, no subprocess-heavy test, on two workers (each with its own PostgreSQL test
 # database), in under 2 minutes. Markers are listed in pyproject.toml.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,6 +38,9 @@ DEAD_COOKIE_KEY = "cb_dead_cookie"
 # A sign-in cookie this browser session has asked the browser to store and the browser has not yet confirmed.
 PENDING_COOKIE_KEY = "cb_cookie_pending"
 WANTED_PAGE = "cb_wanted_page"
+# When this browser session first ran: a deep link is held for its first seconds (see the navigation below).
+FIRST_RUN_AT = "cb_first_run_at"
+DEEP_LINK_GRACE_S = 10.0
 # Set once this browser tab has been sent the signed-in navigation, which it keeps showing until it is sent another.
 NAVIGATION_KEY = "cb_navigation_drawn"
 # streamlit-authenticator waits this long before showing the form so its cookie component can report a
@@ -287,7 +291,17 @@ with st.sidebar:
 
 current = st.navigation(pages)
 st.session_state[NAVIGATION_KEY] = True
-wanted = st.session_state.pop(WANTED_PAGE, None)
+# A deep link (/compare…) is kept for the session's first seconds, not only until it is first reached: the cookie
+# component's first answer can rerun the script after the page was drawn, and that rerun carries no page, so the
+# navigation falls back to the first page (seen with chromium 156: a bookmarked page opened as Chat). While the
+# session is young, landing on the first page sends the visitor back to the page they asked for; reaching another
+# page (they moved on) or getting older ends it.
+first_run_at = st.session_state.setdefault(FIRST_RUN_AT, time.monotonic())
+wanted = st.session_state.get(WANTED_PAGE)
+young = time.monotonic() - first_run_at < DEEP_LINK_GRACE_S
+if wanted is not None and (not young or current.url_path not in (wanted, pages[0].url_path)):
+    st.session_state.pop(WANTED_PAGE, None)
+    wanted = None
 target = next((p for p in pages if p.url_path == wanted), None)
 if target is not None and target.url_path != current.url_path:
     st.switch_page(target)

@@ -24,8 +24,8 @@ from callbot_core.store.seeds import seed_default_personas
 
 
 def _worker_url(url: str | None) -> str | None:
-    """Under pytest-xdist (`make test-fast` runs two workers) each worker gets a database of its own, `<name>_gw0`…,
-    created on first use: every worker empties its test database before it starts."""
+    """Under pytest-xdist (`make test` and `make test-fast` run two workers) each worker gets a database of its own,
+    `<name>_gw0`…, created on first use: every worker empties its test database before it starts."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not url or not worker:
         return url
@@ -119,23 +119,6 @@ def settings(tmp_path: Path, store_url: str) -> Settings:
         llm_backend="embedded",
         embedded_n_ctx=2048,
     )
-
-
-# Tests that drive the app in chromium. `make test` runs on two xdist workers; these all go to one of them, one at a
-# time, as they always ran: each starts an app and a chromium, and two at once on two cores starve both (seen here).
-BROWSER_TESTS = ("tests/browser/", "tests/bench/test_bench.py::test_app_load")
-
-
-def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """xdist's own `loadgroup` does not group under this pytest (its node-id suffix is not seen); a scope scheduler
-    whose one shared scope is the browser tests' does the same: every other test is a scope of its own."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class BrowserTestsTogether(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "browser" if nodeid.startswith(BROWSER_TESTS) else nodeid
-
-    return BrowserTestsTogether(config, log)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
