@@ -40,6 +40,7 @@ PENDING_COOKIE_KEY = "cb_cookie_pending"
 WANTED_PAGE = "cb_wanted_page"
 # When this browser session first ran: a deep link is held for its first seconds (see the navigation below).
 FIRST_RUN_AT = "cb_first_run_at"
+RUNS = "cb_runs"
 DEEP_LINK_GRACE_S = 10.0
 # Set once this browser tab has been sent the signed-in navigation, which it keeps showing until it is sent another.
 NAVIGATION_KEY = "cb_navigation_drawn"
@@ -291,15 +292,18 @@ with st.sidebar:
 
 current = st.navigation(pages)
 st.session_state[NAVIGATION_KEY] = True
-# A deep link (/compare…) is kept for the session's first seconds, not only until it is first reached: the cookie
+# A deep link (/compare…) is kept through the session's first runs, not only until it is first reached: the cookie
 # component's first answer can rerun the script after the page was drawn, and that rerun carries no page, so the
-# navigation falls back to the first page (seen with chromium 156: a bookmarked page opened as Chat). While the
-# session is young, landing on the first page sends the visitor back to the page they asked for; reaching another
-# page (they moved on) or getting older ends it.
+# navigation falls back to the first page (seen with chromium 156: a bookmarked page opened as Chat). Landing on the
+# first page then sends the visitor back to the page they asked for. The link is let go once it has been shown on a
+# second run (it held through that rerun), once the visitor reaches another page, or after a few seconds, so a click
+# on the first page afterwards stays there.
 first_run_at = st.session_state.setdefault(FIRST_RUN_AT, time.monotonic())
+runs = st.session_state[RUNS] = st.session_state.get(RUNS, 0) + 1
 wanted = st.session_state.get(WANTED_PAGE)
 young = time.monotonic() - first_run_at < DEEP_LINK_GRACE_S
-if wanted is not None and (not young or current.url_path not in (wanted, pages[0].url_path)):
+held = current.url_path == wanted and runs >= 2
+if wanted is not None and (held or not young or current.url_path not in (wanted, pages[0].url_path)):
     st.session_state.pop(WANTED_PAGE, None)
     wanted = None
 target = next((p for p in pages if p.url_path == wanted), None)

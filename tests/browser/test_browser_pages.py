@@ -47,6 +47,9 @@ def test_every_page_reads_without_none_or_errors(page: Page, app: RunningApp) ->
     for path in PAGES:
         open_page(page, app.base_url, path, HEADINGS[path])
         page.wait_for_timeout(1500)  # charts and tables draw after the heading
+        if path == "conversations":  # its table's grid fills in after the page; slower on a loaded machine
+            cell = page.locator("[data-testid=stDataFrame] td", has_text="receptionist@1").first
+            cell.wait_for(state="attached", timeout=30_000)
         main = page.locator("[data-testid=stMain]")
         # Tables are drawn on a canvas; their cells are also in the grid's accessible DOM, which is read here.
         cells = " | ".join(page.locator("[data-testid=stDataFrame] td").all_text_contents())
