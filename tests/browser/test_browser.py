@@ -26,6 +26,7 @@ from tests.browser.helpers import (
     open_page,
     screenshot,
     sign_in,
+    wait_idle,
     wait_signed_in,
 )
 
@@ -72,6 +73,7 @@ def test_chat_end_to_end(page: Page, app: RunningApp) -> None:
     click_button(page, "New conversation")
     expect(chat_input(page)).to_be_visible()
     expect(page.get_by_text(re.compile(r"Conversation \d+ · receptionist@"))).to_be_visible()
+    wait_idle(page)  # the greeting is drawn by the run that drew the box: count it once that run has ended
     greetings = _bubbles(page, "assistant").count()  # the persona's greeting, if it has one
 
     page.evaluate(WATCH_STREAM_JS)
@@ -120,6 +122,7 @@ def test_code_in_a_message_shows_its_angle_brackets(page: Page, app: RunningApp)
     sign_in(page, app.base_url)
     click_button(page, "New conversation")
     expect(chat_input(page)).to_be_visible()
+    wait_idle(page)  # the greeting is drawn by the run that drew the box: count it once that run has ended
     greetings = _bubbles(page, "assistant").count()
     _send(page, "What does `<div>` mean?")
     code = _bubbles(page, "user").last.locator("code")
