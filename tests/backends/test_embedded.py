@@ -84,3 +84,56 @@ def test_bad_gguf_paths(tmp_path: Path) -> None:
 def test_unknown_backend_name() -> None:
     with pytest.raises(ConfigError, match="Unknown LLM backend 'gpt9'.*embedded"):
         get_backend("gpt9", Settings(_env_file=None))  # type: ignore[call-arg]
+
+
+def test_every_generation_runs_on_the_model_thread_whoever_reads_it(embedded: EmbeddedBackend) -> None:
+    # The API reads each token of a streamed reply from whichever pool thread is free; llama.cpp must still run on
+    # one thread (one OpenMP team per model, no idle teams spinning beside the busy one).
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    llm = embedded._llm()
+    seen: set[int] = set()
+    real = llm.create_chat_completion
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.add(threading.get_ident())
+        return real(*args, **kwargs)
+
+    llm.create_chat_completion = spy
+    try:
+        tokens = embedded.stream(HELLO, GenerationParams(max_tokens=4, temperature=0, seed=3))
+        with ThreadPoolExecutor(4) as pool:
+            pulled = [pool.submit(next, tokens, None).result() for _ in range(8)]
+    finally:
+        del llm.create_chat_completion
+    assert any(t is not None and t.usage is not None for t in pulled)
+    assert seen == {embedded._model()._thread.ident}
+
+
+def test_a_reply_left_unread_frees_the_model_for_the_next(embedded: EmbeddedBackend) -> None:
+    import threading
+
+    abandoned = embedded.stream(HELLO, GenerationParams(max_tokens=64, temperature=0, seed=3))
+    assert next(abandoned).text
+    abandoned.close()  # the reader went away mid-reply (a closed connection, a Stop)
+    finished = threading.Event()
+    result: list[str] = []
+
+    def second() -> None:
+        result.append("".join(t.text for t in embedded.stream(HELLO, GenerationParams(max_tokens=3, temperature=0))))
+        finished.set()
+
+    threading.Thread(target=second, daemon=True).start()
+    assert finished.wait(60), "the next generation waited on an abandoned one"
+    assert result[0]
+
+
+def test_concurrent_callers_each_get_their_whole_reply(embedded: EmbeddedBackend) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    params = GenerationParams(max_tokens=5, temperature=0, seed=3)
+    alone = [t.text for t in embedded.stream(HELLO, params)]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda _: [t.text for t in embedded.stream(HELLO, params)], range(3)))
+    assert together == [alone] * 3
