@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,6 +20,8 @@ if _ROOT not in sys.path:
 import jwt  # noqa: E402
 import streamlit as st  # noqa: E402
 import streamlit_authenticator as stauth  # noqa: E402
+from streamlit.navigation.page import StreamlitPage  # noqa: E402
+from streamlit.runtime.scriptrunner import get_script_run_ctx  # noqa: E402
 from streamlit_authenticator.models import CookieModel  # noqa: E402
 from streamlit_authenticator.utilities import LoginError  # noqa: E402
 
@@ -37,11 +38,8 @@ SESSION_KEY = "cb_session_token"
 DEAD_COOKIE_KEY = "cb_dead_cookie"
 # A sign-in cookie this browser session has asked the browser to store and the browser has not yet confirmed.
 PENDING_COOKIE_KEY = "cb_cookie_pending"
-WANTED_PAGE = "cb_wanted_page"
-# When this browser session first ran: a deep link is held for its first seconds (see the navigation below).
-FIRST_RUN_AT = "cb_first_run_at"
-RUNS = "cb_runs"
-DEEP_LINK_GRACE_S = 10.0
+# The page this browser session is on: before sign-in, the one its address asked for (see `_stay_on_page`).
+PAGE_KEY = "cb_page"
 # Set once this browser tab has been sent the signed-in navigation, which it keeps showing until it is sent another.
 NAVIGATION_KEY = "cb_navigation_drawn"
 # streamlit-authenticator waits this long before showing the form so its cookie component can report a
@@ -213,7 +211,7 @@ def _remember_wanted_page() -> None:
     if isinstance(url, str):
         path = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         if path in PAGE_PATHS:
-            st.session_state.setdefault(WANTED_PAGE, path)
+            st.session_state.setdefault(PAGE_KEY, path)
 
 
 PAGE_PATHS = (
@@ -239,6 +237,43 @@ def _signed_out_navigation() -> None:
     signed_out = [st.Page(_sign_in_page, title="Sign in", url_path="sign-in", default=True, visibility="hidden")]
     signed_out += [st.Page(_sign_in_page, title="Sign in", url_path=p, visibility="hidden") for p in PAGE_PATHS]
     st.navigation(signed_out)
+
+
+def _asked_page(pages: list[StreamlitPage]) -> str | None:
+    """The page (url path) this run's request names, or None if it names none of `pages`.
+
+    Read before `st.navigation`, which falls back to the first page when the request names none.
+    """
+    ctx = get_script_run_ctx()
+    if ctx is None:
+        return None
+    intent = ctx.pages_manager
+    # A page's hash is Streamlit's hash of its url path (st.Page._script_hash, private; Streamlit is pinned and
+    # tests/app/test_app_navigation.py fails if this stops holding).
+    by_hash = {page._script_hash: page.url_path for page in pages}
+    if intent.intended_page_script_hash:
+        return by_hash.get(intent.intended_page_script_hash)
+    if intent.intended_page_name in by_hash.values():
+        return intent.intended_page_name
+    return None
+
+
+def _stay_on_page(pages: list[StreamlitPage], current: StreamlitPage, asked: str | None) -> StreamlitPage:
+    """Keep the browser session on its page through reruns that name no page.
+
+    A component's answer (the sign-in cookie's reader, a grid) can rerun the script with no page in the request,
+    and `st.navigation` then draws the first page: a bookmarked or deep-linked page opened as Chat, or jumped to
+    Chat a moment after it was drawn (seen with chromium 156 under load). A rerun that names a page (a click in the
+    sidebar, `st.switch_page`, a widget on the page) is obeyed; one that names none returns to the page this session
+    was on, or, right after sign-in, to the page the visitor's address asked for (`_remember_wanted_page`).
+    """
+    on = st.session_state.get(PAGE_KEY)
+    if asked is None and on is not None and on != current.url_path:
+        target = next((page for page in pages if page.url_path == on), None)
+        if target is not None:
+            st.switch_page(target)  # reruns the script on that page; nothing below runs
+    st.session_state[PAGE_KEY] = current.url_path
+    return current
 
 
 if not st.session_state.get("authentication_status"):
@@ -290,24 +325,9 @@ with st.sidebar:
     if isinstance(cookie_model, StoreSessionCookie):
         cookie_model.write_pending()
 
+asked = _asked_page(pages)
 current = st.navigation(pages)
 st.session_state[NAVIGATION_KEY] = True
-# A deep link (/compare…) is kept through the session's first runs, not only until it is first reached: the cookie
-# component's first answer can rerun the script after the page was drawn, and that rerun carries no page, so the
-# navigation falls back to the first page (seen with chromium 156: a bookmarked page opened as Chat). Landing on the
-# first page then sends the visitor back to the page they asked for. The link is let go once it has been shown on a
-# second run (it held through that rerun), once the visitor reaches another page, or after a few seconds, so a click
-# on the first page afterwards stays there.
-first_run_at = st.session_state.setdefault(FIRST_RUN_AT, time.monotonic())
-runs = st.session_state[RUNS] = st.session_state.get(RUNS, 0) + 1
-wanted = st.session_state.get(WANTED_PAGE)
-young = time.monotonic() - first_run_at < DEEP_LINK_GRACE_S
-held = current.url_path == wanted and runs >= 2
-if wanted is not None and (held or not young or current.url_path not in (wanted, pages[0].url_path)):
-    st.session_state.pop(WANTED_PAGE, None)
-    wanted = None
-target = next((p for p in pages if p.url_path == wanted), None)
-if target is not None and target.url_path != current.url_path:
-    st.switch_page(target)
+current = _stay_on_page(pages, current, asked)
 # A bug on a page is logged with an id and shown as one line, never as a traceback (app/failures.py).
 run_page(current)
