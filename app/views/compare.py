@@ -7,7 +7,10 @@ blind comparison's columns are shuffled when it starts and named only A, B, … 
 
 from __future__ import annotations
 
+import threading
+
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from app.common import (
     FAILED,
@@ -45,6 +48,12 @@ from callbot_core.personas.fields import TEMPERATURE
 
 CMP = "compare_comparison_id"
 NOTICE = "compare_notice"
+# Set once the run streaming a turn has stored every variant's end. A click while replies stream makes Streamlit
+# start the next run at once, in a new thread, while the streaming one is still storing its turns as interrupted
+# (Chat's docstring tells the same story): the next run waits for this before it reads the comparison, or it draws
+# a variant's turn as never sent.
+LIVE = "compare_live_turn"
+STOP_WAIT_S = 15.0
 
 user = current_user()
 require("compare")
@@ -219,6 +228,15 @@ def _stream(detail: ComparisonDetail, text: str) -> None:
         status.empty()
         st.error(safe_markdown(str(exc)))
         return
+    stored = st.session_state[LIVE] = threading.Event()
+    try:
+        _stream_replies(detail, run, status)
+    finally:
+        stored.set()  # no session state here: a run Streamlit has stopped may not touch it
+    st.rerun()  # the stored turn, with its vote buttons
+
+
+def _stream_replies(detail: ComparisonDetail, run: ComparisonRun, status: DeltaGenerator) -> None:
     # `with`: a turn cut short (a new message, Stop, a closed tab stop this script) stores every variant's turn
     # as interrupted at once, with the caller's message kept.
     with run:
@@ -246,7 +264,18 @@ def _stream(detail: ComparisonDetail, text: str) -> None:
             with metrics_slot.container():
                 _reply_metrics(event.reply)
             status.caption(_status(run, done))
-    st.rerun()  # the stored turn, with its vote buttons
+
+
+def _settle() -> None:
+    """Wait for the turn this session was streaming to be stored, so the page reads the store after it."""
+    stored = st.session_state.get(LIVE)
+    if stored is None:
+        return
+    if not stored.is_set():
+        with st.spinner("Stopping the replies…"):
+            stored.wait(STOP_WAIT_S)
+    if stored.is_set():  # else still stalled: settled by a later run
+        st.session_state.pop(LIVE, None)
 
 
 cid = st.session_state.get(CMP)
@@ -255,6 +284,7 @@ if cid is None:
     _setup()
     st.stop()
 
+_settle()
 try:
     detail = get_comparison(store(), cid)
 except CallbotError as exc:

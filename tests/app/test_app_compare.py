@@ -124,3 +124,37 @@ def test_the_page_says_variants_on_the_embedded_model_run_one_after_another(app_
     notes = [c.value for c in at.caption if "one after another" in c.value]
     assert len(notes) == 1 and "Variant A and Variant B run one after another" in notes[0], notes
     assert "embedded answers one request at a time" in notes[0]
+
+
+def test_a_run_waits_for_the_turn_the_run_before_it_was_storing(app_store: Store) -> None:
+    # A click while replies stream starts the next run at once, in a new thread, while the streaming run is still
+    # storing its turns (Streamlit's fast reruns). Stand-in for that run: a thread that stores a turn a moment after
+    # the next run has begun. The page must draw that turn, not a comparison without it.
+    import threading
+    import time
+
+    from callbot_core.access.signin import authenticate
+    from callbot_core.conversations.service import ConversationService
+    from callbot_core.experiments.comparisons import stream_turn
+    from callbot_core.settings import get_settings
+
+    at = _start(app_store, blind=False)
+    cid = at.session_state["compare_comparison_id"]
+    rita = authenticate(app_store, "rita", PW)
+    assert rita is not None
+    stored = threading.Event()
+    at.session_state["compare_live_turn"] = stored
+
+    def the_streaming_run() -> None:
+        time.sleep(0.5)  # the next run has begun
+        with stream_turn(ConversationService(app_store, get_settings()), cid, "And on Saturdays?", actor=rita) as run:
+            for _ in run:
+                pass
+        stored.set()
+
+    threading.Thread(target=the_streaming_run, daemon=True).start()
+    at.run()
+    assert not at.exception
+    assert [m.value for m in at.markdown if m.value == "And on Saturdays?"] == ["And on Saturdays?"]
+    assert _replies(at) == [REPLY] * 4
+    assert "compare_live_turn" not in at.session_state
