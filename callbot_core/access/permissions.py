@@ -122,3 +122,16 @@ def require(actor: Actor | None, action: str) -> None:
         action=action,
         role=actor.role,
     )
+
+
+def require_owner(actor: Actor, owner_id: int | None, what: str) -> None:
+    """Raise `PermissionDenied` unless `actor` may change `what` (a conversation: send a turn, end or summarise it),
+    which the user `owner_id` started: only that user or an admin may (the command line and scheduled jobs act as
+    admins). Checked after `require`, which holds the role and the key's scope; reading is for everyone."""
+    if actor.role == ADMIN or (owner_id is not None and getattr(actor, "id", None) == owner_id):
+        return
+    raise PermissionDenied(
+        f"{actor.username} ({actor.role}) may not change {what}: only the user who started it or an admin may",
+        action="chat",
+        role=actor.role,
+    )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from callbot_core.access.permissions import Actor, require
+from callbot_core.access.permissions import Actor, require, require_owner
 from callbot_core.backends.llm import GenerationParams, LLMBackend, get_backend
 from callbot_core.conversations.cache import cache_from, use_response_cache
 from callbot_core.conversations.continuation import clean_earlier
@@ -249,7 +249,9 @@ class ConversationService:
         """
         require(actor, "chat")  # ending and summarising change the conversation, as a turn does
         with self.store.session() as session:
-            conversation_row(session, conversation_id)  # an unknown id is an error here, not a quiet no-op
+            # An unknown id is an error here, not a quiet no-op.
+            owner = conversation_row(session, conversation_id).user_id
+            require_owner(actor, owner, f"conversation {conversation_id}")
             ended = mark_ended(session, conversation_id)
         if ended:  # told once stored, before the summaries (a slow model call) are written
             ObserverList(self.observers).notify("conversation_ended", conversation_id)
@@ -260,6 +262,7 @@ class ConversationService:
         require(actor, "chat")
         with self.store.session() as session:
             conversation = conversation_row(session, conversation_id)
+            require_owner(actor, conversation.user_id, f"conversation {conversation_id}")
             version: PersonaVersion = conversation.persona_version
             persona_name = version.persona.name
             history = load_history(session, conversation_id)

@@ -39,6 +39,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from callbot_core.access.permissions import require_owner
 from callbot_core.backends.llm import ChatMessage, GenerationParams, LLMBackend, Usage
 from callbot_core.conversations.observers import MAX_ERROR_CHARS, ObserverList
 from callbot_core.conversations.prompt import PastMessage, build_prompt
@@ -255,6 +256,7 @@ class Validate(Stage):
         # bench/turn_overhead.py.
         with turn.store.session() as session:
             conversation = conversation_row(session, turn.conversation_id)
+            require_owner(turn.actor, conversation.user_id, f"conversation {turn.conversation_id}")
             if conversation.status != "active":
                 raise Conflict(f"Conversation {turn.conversation_id} has ended; start a new one to go on")
             version = conversation.persona_version

@@ -277,6 +277,21 @@ def test_a_read_only_key_may_read_but_not_chat(api: Api) -> None:
     assert _count(api, Message) == 1
 
 
+def test_another_researchers_key_may_read_a_conversation_but_not_change_it(api: Api) -> None:
+    with api.client(api.key("researcher")) as c:
+        cid = _start(c)["id"]
+    with api.client(api.key("researcher", name="rob")) as c:
+        for stream in ("false", "true"):
+            r = c.post(f"/v1/conversations/{cid}/turns", json={"text": "hi"}, params={"stream": stream})
+            assert _error(r) == (403, "forbidden") and "only the user who started it" in r.json()["error"]["message"]
+        assert _error(c.post(f"/v1/conversations/{cid}/end")) == (403, "forbidden")
+        assert c.get(f"/v1/conversations/{cid}").status_code == 200
+    assert _count(api, Message) == 1  # the greeting only
+    with api.client(api.key("admin")) as c:  # an admin may step in
+        r = c.post(f"/v1/conversations/{cid}/turns", json={"text": "hi"})
+        assert r.status_code == 200, r.text
+
+
 def test_the_event_stream_ends_with_the_stored_turns_metrics(api: Api) -> None:
     api.backend.pieces = ("Open", " from", " 8", " to", " 6", ".")
     with api.client(api.key("researcher")) as c:

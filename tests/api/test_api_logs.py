@@ -22,7 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from callbot_core.access.permissions import LOCAL_OPERATOR
+from callbot_core.access.signin import UserInfo, get_user_info
 from callbot_core.api import create_app
 from callbot_core.api.auth import CurrentActor
 from callbot_core.api.context import ApiContext
@@ -126,12 +126,17 @@ def test_each_request_logs_one_access_line_with_who_and_how_long(logged: Callabl
     assert (access("logs-3")["route"], access("logs-3")["path"]) == ("unmatched", "/nope/123")
 
 
+def _researcher(api: Api) -> UserInfo:
+    """The user behind `api.key("researcher")`: a conversation takes turns from the user who started it."""
+    return get_user_info(api.store, api.user("researcher"))
+
+
 def test_lines_during_a_turn_carry_request_and_turn_ids_and_no_text(
     logged: Callable[[bool], tuple[Api, Lines]],
 ) -> None:
     api, lines = logged(False)
     key = api.key("researcher", scopes="chat")
-    conv = api.service.start("receptionist", actor=LOCAL_OPERATOR, backend="scripted")
+    conv = api.service.start("receptionist", actor=_researcher(api), backend="scripted")
     with api.client(key) as c:
         for request_id in ("turn-1", "turn-2"):
             path = f"/test/conversations/{conv.id}/turn"
@@ -162,8 +167,9 @@ def test_lines_during_a_turn_carry_request_and_turn_ids_and_no_text(
 
 def test_message_text_is_logged_only_when_enabled(logged: Callable[[bool], tuple[Api, Lines]]) -> None:
     api, lines = logged(True)
-    conv = api.service.start("receptionist", actor=LOCAL_OPERATOR, backend="scripted")
-    with api.client(api.key("researcher", scopes="chat")) as c:
+    key = api.key("researcher", scopes="chat")
+    conv = api.service.start("receptionist", actor=_researcher(api), backend="scripted")
+    with api.client(key) as c:
         c.post(f"/test/conversations/{conv.id}/turn", json={"text": SECRET}).raise_for_status()
     (finished,) = lines(lambda p: p["event"] == "turn.finished", 1)
     assert (finished["text"], finished["reply"]) == (SECRET, "We open at 8.")
@@ -180,9 +186,10 @@ def test_content_logged_by_other_code_is_hidden_unless_enabled(logged: Callable[
 
 def test_a_failed_turn_logs_its_kind(logged: Callable[[bool], tuple[Api, Lines]]) -> None:
     api, lines = logged(False)
-    conv = api.service.start("receptionist", actor=LOCAL_OPERATOR, backend="scripted")
+    key = api.key("researcher", scopes="chat")
+    conv = api.service.start("receptionist", actor=_researcher(api), backend="scripted")
     api.backend.fail_after = 2
-    with api.client(api.key("researcher", scopes="chat")) as c, pytest.raises(httpx.HTTPError):
+    with api.client(key) as c, pytest.raises(httpx.HTTPError):
         c.post(f"/test/conversations/{conv.id}/turn", json={"text": SECRET}).read()
     (failed,) = lines(lambda p: p["event"] == "turn.failed", 1)
     assert (failed["level"], failed["kind"], failed["conversation_id"]) == ("warning", "backend_unavailable", conv.id)

@@ -103,6 +103,16 @@ def _cookie_writes(at: AppTest) -> list[tuple[str, str]]:
     return writes
 
 
+def _cookie_deletes(at: AppTest) -> list[str]:
+    """The keys of the cookie components on the page that delete the sign-in cookie."""
+    return [
+        element.proto.id.split("-", 2)[2]
+        for element in at.get("component_instance")
+        if json.loads(element.proto.json_args).get("method") == "delete"
+        and json.loads(element.proto.json_args).get("cookie") == COOKIE
+    ]
+
+
 def _signed_in(at: AppTest) -> bool:
     return bool(titles(at)) and "Login" not in [b.label for b in at.button]
 
@@ -294,3 +304,42 @@ def test_a_tab_that_never_signed_in_is_sent_no_navigation(browser: Browser, navi
     at = browser.load(None)
     at.run()
     assert _sign_in_form_shown(at) and navigations == []
+
+
+def test_a_sign_out_keeps_deleting_the_cookie_until_the_browser_confirms(browser: Browser) -> None:
+    # Seen in CI: a sign-out right after a sign-in, and the cookie write's late answer reran the script before the
+    # deleting component had loaded, so the browser kept the (dead) cookie. The deletion stays on the page, run
+    # after run, until its component answers; then it goes, and a new sign-in's write replaces a pending one.
+    at = sign_in("rita", PW)
+    button(at, "Sign out").click()
+    at.run()
+    deletes = _cookie_deletes(at)
+    assert len(deletes) == 1
+    for _ in range(2):  # reruns before the browser has run the component (a late answer, the cookie reader)
+        at.run()
+        assert _cookie_deletes(at) == deletes and _sign_in_form_shown(at)
+    at.session_state[deletes[0]] = True  # the component's answer: the browser has deleted the cookie
+    at.run()
+    assert _cookie_deletes(at) == [] and _sign_in_form_shown(at)
+
+    at.text_input[0].input("rita")
+    at.text_input[1].input(PW)
+    at.button[0].click()
+    at.run()
+    at.run()
+    assert _cookie_deletes(at) == [] and len(_cookie_writes(at)) == 1
+
+
+def test_a_new_sign_in_cancels_a_deletion_not_yet_confirmed(browser: Browser) -> None:
+    at = sign_in("rita", PW)
+    button(at, "Sign out").click()
+    at.run()
+    at.run()  # the form, the deletion still waiting for the browser
+    assert len(_cookie_deletes(at)) == 1 and _sign_in_form_shown(at)
+    at.text_input[0].input("rita")
+    at.text_input[1].input(PW)
+    at.button[0].click()
+    at.run()
+    at.run()
+    # Drawn after the write, the deletion would remove the new cookie.
+    assert _cookie_deletes(at) == [] and len(_cookie_writes(at)) == 1 and titles(at) == ["Chat"]

@@ -128,3 +128,27 @@ def test_the_local_operator_acts_without_a_user(service, store) -> None:
     service.send(info.id, "hi", actor=LOCAL_OPERATOR).text()
     with store.session() as session:
         assert session.get(Conversation, info.id).user_id is None  # type: ignore[union-attr]
+
+
+def test_only_its_owner_or_an_admin_may_change_a_conversation(service, store, rita) -> None:
+    rob = create_user(store, "rob", PW, role="researcher", actor=LOCAL_OPERATOR)
+    ada = create_user(store, "ada", PW, role="admin", actor=LOCAL_OPERATOR)
+    info = service.start("receptionist", actor=rita)
+    before = _counts(store)
+    with pytest.raises(PermissionDenied, match=rf"rob \(researcher\) may not change conversation {info.id}"):
+        service.send(info.id, "When do you open?", actor=rob)
+    with pytest.raises(PermissionDenied, match="only the user who started it or an admin"):
+        service.end(info.id, actor=rob)
+    with pytest.raises(PermissionDenied, match="may not change"):
+        service.summarise(info.id, actor=rob)
+    assert _counts(store) == before
+    with store.session() as session:
+        assert session.get(Conversation, info.id).status == "active"  # not ended by the refused call
+
+    with service.send(info.id, "When do you open?", actor=rita) as turn:
+        assert turn.text()
+    with service.send(info.id, "And on Saturdays?", actor=ada) as turn:  # an admin may step in
+        assert turn.text()
+    service.end(info.id, actor=ada)
+    with store.session() as session:
+        assert session.get(Conversation, info.id).status == "ended"
