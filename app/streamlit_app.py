@@ -6,7 +6,9 @@ the only route that answers without it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import secrets
 import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -38,6 +40,8 @@ SESSION_KEY = "cb_session_token"
 DEAD_COOKIE_KEY = "cb_dead_cookie"
 # A sign-in cookie this browser session has asked the browser to store and the browser has not yet confirmed.
 PENDING_COOKIE_KEY = "cb_cookie_pending"
+# The component key of a cookie deletion (sign-out, a dead cookie) the browser has not yet confirmed.
+PENDING_DELETE_KEY = "cb_cookie_delete_pending"
 # The page this browser session is on: before sign-in, the one its address asked for (see `_stay_on_page`).
 PAGE_KEY = "cb_page"
 # Set once this browser tab has been sent the signed-in navigation, which it keeps showing until it is sent another.
@@ -92,6 +96,15 @@ class StoreSessionCookie(CookieModel):
         self._admit(user)
         return {"username": user.username, "exp_date": claims.get("exp_date")}
 
+    def delete_cookie(self) -> None:
+        """Called by the library on sign-out, and by `get_cookie` for a dead cookie. As with `set_cookie`, a rerun
+        before the cookie component has loaded takes it off the page with the cookie still in the browser (seen in
+        CI: a sign-out right after a sign-in whose cookie write answered just after the click). So the deletion is
+        recorded here and drawn by `write_pending` until the browser confirms it; a sign-in's new cookie replaces
+        it (`set_cookie`). The cookie left behind would not sign anyone in (its store session has ended), but the
+        browser should not keep it."""
+        st.session_state[PENDING_DELETE_KEY] = "cb_delete_cookie_" + secrets.token_hex(8)
+
     def set_cookie(self) -> None:
         """Called by the library in the run that signs in from the form. The browser stores the cookie only once the
         cookie component on the page has loaded, and a rerun before then (another component answering, as the
@@ -101,6 +114,7 @@ class StoreSessionCookie(CookieModel):
             return
         self.exp_date = self._set_exp_date()
         token = self._token_encode()
+        st.session_state.pop(PENDING_DELETE_KEY, None)  # the new cookie replaces the old one
         st.session_state[PENDING_COOKIE_KEY] = {
             "token": token,
             "expires_at": datetime.now() + timedelta(days=self.cookie_expiry_days),
@@ -109,8 +123,17 @@ class StoreSessionCookie(CookieModel):
         }
 
     def write_pending(self) -> None:
-        """Draw the cookie component that stores the pending sign-in cookie, on every run until it answers that the
-        browser has stored it. The same key and arguments each run keep the same component on the page."""
+        """Draw the cookie component that deletes the cookie, or the one that stores the pending sign-in cookie, on
+        every run until it answers that the browser has done it. The same key and arguments each run keep the same
+        component on the page. Called once per run, signed in or not."""
+        deleting = st.session_state.get(PENDING_DELETE_KEY)
+        if deleting and st.session_state.get(deleting) is True:
+            del st.session_state[PENDING_DELETE_KEY]
+        elif deleting:
+            # It draws the component, then forgets the cookie in its own record of the page's cookies, which may
+            # not hold it (KeyError): nothing to undo.
+            with contextlib.suppress(KeyError):
+                self.cookie_manager.delete(self.cookie_name, key=deleting)
         pending = st.session_state.get(PENDING_COOKIE_KEY)
         if not pending:
             return
@@ -279,9 +302,17 @@ def _stay_on_page(pages: list[StreamlitPage], current: StreamlitPage, asked: str
 if not st.session_state.get("authentication_status"):
     _remember_wanted_page()
 
+
+def _write_pending_cookie(authenticator: stauth.Authenticate) -> None:
+    cookie_model = authenticator.cookie_controller.cookie_model
+    if isinstance(cookie_model, StoreSessionCookie):
+        cookie_model.write_pending()
+
+
 user, authenticator = _signed_in_user()
 if user is None:
     st.session_state.pop(USER_KEY, None)
+    _write_pending_cookie(authenticator)  # a sign-out's or a dead cookie's deletion, until the browser confirms it
     _signed_out_navigation()
     st.stop()
 st.session_state[USER_KEY] = user
@@ -312,18 +343,19 @@ with st.sidebar:
         callback=lambda _: sessions.end(store(), st.session_state.get(SESSION_KEY), client_addr=client_addr()),
     )
     if not st.session_state.get("authentication_status"):
-        # Keep the library's `logout` flag (it stops the cookie signing the user straight back in) and the mark that
-        # this tab shows a navigation (now replaced), and stop rather than rerun, so the cookie component can delete
-        # the cookie in the browser.
-        for key in [k for k in st.session_state if k not in ("logout", NAVIGATION_KEY)]:
+        # Keep the library's `logout` flag (it stops the cookie signing the user straight back in), the mark that
+        # this tab shows a navigation (now replaced) and the cookie's pending deletion; then stop rather than rerun,
+        # so the cookie component can delete the cookie in the browser.
+        for key in [k for k in st.session_state if k not in ("logout", NAVIGATION_KEY, PENDING_DELETE_KEY)]:
             del st.session_state[key]
-        _signed_out_navigation()
-        st.stop()
-    # After the sign-out button, so a sign-out never draws a cookie write next to the cookie's deletion; in the
-    # sidebar, whose first elements are the same on every page, so the component is not redrawn between runs.
-    cookie_model = authenticator.cookie_controller.cookie_model
-    if isinstance(cookie_model, StoreSessionCookie):
-        cookie_model.write_pending()
+    else:
+        # After the sign-out button; in the sidebar, whose first elements are the same on every page, so the
+        # component is not redrawn between runs.
+        _write_pending_cookie(authenticator)
+if not st.session_state.get("authentication_status"):  # signed out just now, by the button above
+    _write_pending_cookie(authenticator)  # the cookie's deletion, in the main area as on the signed-out runs after
+    _signed_out_navigation()
+    st.stop()
 
 asked = _asked_page(pages)
 current = st.navigation(pages)
