@@ -24,11 +24,20 @@ from callbot_core.store.seeds import seed_default_personas
 MIGRATIONS_DIR = Path(str(resources.files("callbot_core.store").joinpath("migrations")))
 
 
+# Connections per engine: SQLAlchemy's default (5, and 10 more at peaks) starved the API under load. Each request
+# holds one only for its short transactions, but 50 callers keep dozens of threads (the API's pool of 40, one
+# reader per streamed reply) inside a session at once, and a thread waiting for a connection waited behind the
+# GIL-bound stragglers holding one: p95 API overhead 114-317 ms with the CPU mostly idle, 41 ms with room for all
+# (bench/api_load.py). PostgreSQL's default max_connections (100) fits two such processes.
+POOL_SIZE, POOL_OVERFLOW = 20, 20
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         db_path = url.split("///", 1)[-1]
-        if db_path and not db_path.startswith(":"):
+        if db_path and not db_path.startswith(":") and url != "sqlite://":
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs = {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW, **kwargs}  # in memory: one connection
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
 
         @event.listens_for(engine, "connect")
@@ -43,7 +52,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_pre_ping=True, **kwargs)
+        return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, **kwargs)
     raise ConfigError(
         f"Unsupported CALLBOT_DATABASE_URL {redact_url(url)!r}: use sqlite:///… or postgresql+psycopg://…"
     )

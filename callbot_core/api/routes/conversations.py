@@ -32,6 +32,7 @@ from callbot_core.access.permissions import Actor, require
 from callbot_core.api.auth import Context, CurrentActor, client_addr
 from callbot_core.api.context import ApiContext
 from callbot_core.api.errors import ERROR_RESPONSES, ApiError, ErrorBody, engine_status
+from callbot_core.api.streaming import ReplyReader
 from callbot_core.backends.llm import GenerationParams, llm_backends
 from callbot_core.conversations import transcripts
 from callbot_core.conversations.service import ConversationInfo, TurnResult, TurnStream
@@ -493,12 +494,12 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-async def _events(stream: TurnStream, first: Any, conversation_id: int) -> AsyncIterator[bytes]:
-    piece = first
+async def _events(stream: TurnStream, reader: ReplyReader, first: Any, conversation_id: int) -> AsyncIterator[bytes]:
     try:
-        while piece is not _END:
-            yield _sse("token", {"text": piece})
-            piece = await anyio.to_thread.run_sync(_pull, stream)
+        if first is not _END:
+            yield _sse("token", {"text": first})
+            async for batch in reader.batches():
+                yield b"".join(_sse("token", {"text": piece}) for piece in batch)
         result = stream.result
         assert result is not None
         yield _sse("turn", TurnOut.of(conversation_id, result).model_dump())
@@ -520,20 +521,18 @@ class TurnEvents(StreamingResponse):
     gone): a turn not read to the end is then stored as interrupted at once, not when the generator is collected."""
 
     def __init__(self, stream: TurnStream, first: Any, conversation_id: int) -> None:
+        self.reader = ReplyReader(stream, lambda: _close(stream))
         super().__init__(
-            _events(stream, first, conversation_id),
+            _events(stream, self.reader, first, conversation_id),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        self.turn_stream = stream
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            # Shielded: when the client went away this task is being cancelled, and the close must still run.
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_close, self.turn_stream)
+            await self.reader.stop()
 
 
 def _wants_stream(stream: bool | None, accept: str | None) -> bool:

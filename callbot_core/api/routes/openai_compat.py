@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from callbot_core.access.permissions import require
 from callbot_core.api.auth import Context, CurrentActor
 from callbot_core.api.errors import ERROR_RESPONSES, ApiError, ErrorBody, engine_status
+from callbot_core.api.streaming import ReplyReader
 from callbot_core.conversations.continuation import MAX_STOP, Continued, send_continuing
 from callbot_core.conversations.validation import clean_message
 from callbot_core.errors import CallbotError, InvalidInput
@@ -280,6 +281,7 @@ async def _close(continued: Continued) -> None:
 async def _chunks(
     continued: Continued, pieces: Iterator[str], first: object, include_usage: bool
 ) -> AsyncIterator[bytes]:
+    reader = ReplyReader(pieces, continued.stream.close)
     base = {
         "id": _completion_id(continued),
         "object": "chat.completion.chunk",
@@ -294,10 +296,10 @@ async def _chunks(
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        piece = first
-        while piece is not _END:
-            yield chunk({"content": piece})  # type: ignore[dict-item]
-            piece = await run_in_threadpool(next, pieces, _END)
+        if first is not _END:
+            yield chunk({"content": first})  # type: ignore[dict-item]
+            async for batch in reader.batches():
+                yield b"".join(chunk({"content": piece}) for piece in batch)
         usage = await run_in_threadpool(usage_of, continued)
         yield chunk({}, finish_reason(continued))
         if include_usage:
@@ -306,7 +308,7 @@ async def _chunks(
     except Exception as exc:  # headers are sent: the failure travels as an event (the SDK raises it as APIError)
         yield _error_event(exc)
     finally:
-        await _close(continued)
+        await reader.stop()  # closes the stream, on the reader's thread or here if it never started
 
 
 @router.post(
