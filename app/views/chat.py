@@ -46,6 +46,9 @@ from callbot_core.personas.catalog import persona_catalog
 CID = "chat_conversation_id"
 PENDING = "chat_pending"  # the caller's text to send on this run (queued by the box, Retry or Regenerate)
 NOTICE = "chat_notice"  # one line for the next run: (level, text)
+# Why the last message was not sent: [(level, text)], shown on every run until the next message or conversation. A
+# rerun the caller did not ask for (a component's late answer, seen in the browser tests) must not wipe it.
+REFUSED = "chat_refused"
 PARTIAL = "chat_partial"  # {user message id: the reply text shown before it was cut short}, this session only
 LIVE = "chat_live_turn"  # the `_LiveTurn` of the run streaming a reply
 SUMMARIES = "chat_summaries"
@@ -85,7 +88,7 @@ def _stopped() -> None:
 
 
 def _forget_turn_state() -> None:
-    for key in (PENDING, NOTICE, SUMMARIES):
+    for key in (PENDING, NOTICE, SUMMARIES, REFUSED):
         st.session_state.pop(key, None)
 
 
@@ -189,12 +192,15 @@ notices: list[tuple[str, str]] = []
 if notice := st.session_state.pop(NOTICE, None):
     notices.append(notice)
 pending = st.session_state.pop(PENDING, None)
+if pending is not None:
+    st.session_state.pop(REFUSED, None)  # a new message replaces the last refusal
+refused: list[tuple[str, str]] = []
 turn: TurnStream | None = None
 if pending is not None and active:
     try:
         turn = svc.send(cid, pending, actor=user)
     except InvalidInput as exc:
-        notices.append(("warning", f"Not sent: {exc}"))
+        refused.append(("warning", f"Not sent: {exc}"))
         if pending.strip():
             # Back in the box to be fixed, not lost; the box itself has no room to say why.
             st.session_state[INPUT] = pending
@@ -204,11 +210,14 @@ if pending is not None and active:
                 length = len(pending)
             limit = settings().max_message_chars
             over = f": {length - limit:,} too many" if length > limit else ""
-            notices.append(("caption", f"Your message is back in the box · {length:,} / {limit:,} characters{over}"))
+            refused.append(("caption", f"Your message is back in the box · {length:,} / {limit:,} characters{over}"))
     except CallbotError as exc:
-        notices.append(("error", str(exc)))
+        refused.append(("error", str(exc)))
 elif pending is not None:
-    notices.append(("warning", "Not sent: this conversation has ended; start a new one to go on."))
+    refused.append(("warning", "Not sent: this conversation has ended; start a new one to go on."))
+if refused:
+    st.session_state[REFUSED] = refused
+notices += st.session_state.get(REFUSED, [])
 streaming = turn is not None
 
 
@@ -381,6 +390,7 @@ if turn is not None:
     _stream(turn, pending)
 
 if end:
+    st.session_state.pop(REFUSED, None)
     with st.spinner("Writing the summaries…"):
         try:
             summaries = svc.end(cid, actor=user)

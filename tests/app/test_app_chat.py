@@ -261,6 +261,11 @@ def test_a_blank_message_leaves_no_bubble(app_store: Store) -> None:
     assert any("Not sent: The message is empty" in w.value for w in at.warning)
     assert _bubbles(at, "user") == []
     assert _turns(app_store, cid) == []
+    # A rerun nobody asked for (a component's late answer) keeps the refusal on the page; the next message clears it.
+    at.run()
+    assert any("Not sent: The message is empty" in w.value for w in at.warning)
+    _send(at, "Hello")
+    assert not any("Not sent" in w.value for w in at.warning)
 
 
 def test_an_over_long_message_stays_in_the_box_with_a_counter(app_store: Store) -> None:
