@@ -8,6 +8,7 @@ what the user's role cannot use (`allowed`), but the engine checks every action 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -27,6 +28,8 @@ from callbot_core.settings import Settings, get_settings
 from callbot_core.store import Store, open_store
 
 USER_KEY = "cb_user"
+# How long a run waits for the streaming run it replaced to store its turn (Chat, Compare).
+STOP_WAIT_S = 15.0
 
 
 @st.cache_resource(show_spinner=False)
@@ -209,3 +212,13 @@ def _analytics():  # type: ignore[no-untyped-def]
 def analytics():  # type: ignore[no-untyped-def]
     """The process's analytics handle (DuckDB snapshot of the store; refreshed before each query)."""
     return _analytics()
+
+
+def wait_for_stored(stored: threading.Event, what: str) -> bool:
+    """Wait (up to `STOP_WAIT_S`, with a spinner saying `what`) for the streaming run this one replaced to store its
+    turn; whether it has. A click while a reply streams makes Streamlit start the next run at once, in a new thread,
+    while the streaming one is still storing its turn as interrupted: the page must read the store after that."""
+    if not stored.is_set():
+        with st.spinner(what):
+            stored.wait(STOP_WAIT_S)
+    return stored.is_set()

@@ -35,6 +35,7 @@ from app.common import (
     settings,
     store,
     version_picker,
+    wait_for_stored,
     write_markdown_stream,
 )
 from callbot_core.conversations.service import TurnStream
@@ -55,7 +56,6 @@ SUMMARIES = "chat_summaries"
 INPUT = "chat_input"
 HISTORY_SIZE = 30
 PARTIALS_KEPT = 20
-STOP_WAIT_S = 15.0  # how long a run waits for the streaming run it replaced to store its turn
 
 THINKING = ":material/hourglass_top: Thinking…"
 CHIPS_HELP = (
@@ -116,10 +116,7 @@ def _settle_live_turn() -> None:
     live_turn = st.session_state.get(LIVE)
     if live_turn is None:
         return
-    if not live_turn.done.is_set():
-        with st.spinner("Stopping the reply…"):
-            live_turn.done.wait(STOP_WAIT_S)
-    if live_turn.done.is_set():  # else still stalled: drawn as waiting, settled by a later run
+    if wait_for_stored(live_turn.done, "Stopping the reply…"):  # else still stalled: drawn as waiting, settled later
         _remember_partial(live_turn.user_message_id, live_turn.partial)
         st.session_state.pop(LIVE, None)
 

@@ -25,6 +25,7 @@ from app.common import (
     service,
     store,
     version_picker,
+    wait_for_stored,
 )
 from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.experiments.comparisons import (
@@ -53,7 +54,6 @@ NOTICE = "compare_notice"
 # (Chat's docstring tells the same story): the next run waits for this before it reads the comparison, or it draws
 # a variant's turn as never sent.
 LIVE = "compare_live_turn"
-STOP_WAIT_S = 15.0
 
 user = current_user()
 require("compare")
@@ -271,10 +271,7 @@ def _settle() -> None:
     stored = st.session_state.get(LIVE)
     if stored is None:
         return
-    if not stored.is_set():
-        with st.spinner("Stopping the replies…"):
-            stored.wait(STOP_WAIT_S)
-    if stored.is_set():  # else still stalled: settled by a later run
+    if wait_for_stored(stored, "Stopping the replies…"):  # else still stalled: settled by a later run
         st.session_state.pop(LIVE, None)
 
 

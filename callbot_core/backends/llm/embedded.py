@@ -105,11 +105,6 @@ def model_thread(path: Path, n_ctx: int, n_threads: int | None = None) -> ModelT
         return model
 
 
-def load_llama(path: Path, n_ctx: int, n_threads: int | None = None) -> Any:
-    """Load (once) and warm up a llama.cpp model, on its own thread."""
-    return model_thread(path, n_ctx, n_threads).loaded()
-
-
 # What a generation job hands the caller's side after its last token.
 _END = object()
 
