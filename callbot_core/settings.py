@@ -51,6 +51,8 @@ class Settings(BaseSettings):
 
     # The HTTP API (`callbot api`): the largest request body it reads.
     api_max_body_bytes: int = Field(1_048_576, ge=1024)
+    # Document uploads (POST /v1/knowledge/{collection}/documents) carry files, so they get a limit of their own.
+    api_max_upload_bytes: int = Field(104_857_600, ge=1024)
     # Redis (e.g. redis://127.0.0.1:6379/0): live events across processes, shared rate limits, the response cache.
     # Unset: all three stay in the process.
     redis_url: str | None = None
@@ -91,6 +93,19 @@ class Settings(BaseSettings):
 
     # Sentence embeddings (suites' similar_to; retrieval): a name in the backend registry.
     embedder: str = "minilm"
+
+    # Knowledge (callbot_core/knowledge). Vectors live in a `vector_store` from the registry: Chroma embedded under
+    # the runtime folder, or a Chroma server when chroma_url is set.
+    vector_store: str = "chroma"
+    chroma_url: str | None = None
+    # A file bigger than this is refused before it is read.
+    knowledge_max_file_mb: float = Field(20.0, gt=0)
+    # Chunks are measured in characters (about 4 per token for English): 800 fits a handful in a small context.
+    knowledge_chunk_size: int = Field(800, ge=100, le=20_000)
+    knowledge_chunk_overlap: int = Field(100, ge=0, le=5_000)
+    # A retrieval whose best vector similarity is under this is flagged low_relevance: the documents probably do
+    # not answer the question.
+    knowledge_low_relevance: float = Field(0.35, ge=0, le=1)
 
     ollama_url: str = "http://127.0.0.1:11434"
     openai_base_url: str = "http://127.0.0.1:8000/v1"

@@ -51,6 +51,9 @@ ACTIONS: dict[str, Action] = {
     "apikey.manage": Action(ADMINS, "create, list or revoke API keys", ADMIN_SCOPE),
     "audit.read": Action(ADMINS, "read the audit log", ADMIN_SCOPE),
     "metrics.read": Action(EVERYONE, "read the service's metrics", READ),
+    "knowledge.read": Action(EVERYONE, "search knowledge collections or list their documents", READ),
+    "knowledge.edit": Action(RESEARCH, "ingest or delete knowledge documents", CHAT),
+    "knowledge.eval": Action(RESEARCH, "run retrieval evaluations", CHAT),
 }
 
 

@@ -128,6 +128,7 @@ class StoreObserver(TurnObserver):
         )
         session.add(metrics)
         session.flush()
+        turn.notes["turn_metrics_id"] = metrics.id  # for observers after this one that hang rows off the turn
         wall = turn.clock.wall
         # One executemany of plain rows: building ORM objects for them was measurable per turn
         # (bench/turn_overhead.py), and nothing reads them back in this session.

@@ -102,7 +102,8 @@ def mark_ended(session: Session, conversation_id: int) -> bool:
 
 class ConversationService:
     """Conversations and their turns. `stages` and `observers` shape every turn: the default stages are
-    validate, prompt, generate, persist (`add_stage` inserts another); the store observer always comes first."""
+    validate, retrieve (personas with documents only), prompt, generate, persist (`add_stage` inserts another); the
+    store observer always comes first."""
 
     def __init__(
         self,
@@ -117,7 +118,10 @@ class ConversationService:
         self.store = store or open_store(self.settings)
         self._backends = backends or (lambda name: get_backend(name, self.settings))
         self.stages: list[Stage] = list(stages) if stages is not None else default_stages()
-        self.observers: list[TurnObserver] = [StoreObserver(), *observers]
+        # Imported here: knowledge builds on this package. Its observer stores which passages each turn used.
+        from callbot_core.knowledge.stage import RetrievalObserver
+
+        self.observers: list[TurnObserver] = [StoreObserver(), RetrievalObserver(), *observers]
         cache = cache_from(self.settings)  # opt-in: deterministic turns' replies from Redis (cache.py)
         if cache is not None:
             use_response_cache(self, cache)

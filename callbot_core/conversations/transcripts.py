@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from sqlalchemy import Select, and_, func, or_, select
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
 from callbot_core.access import audit
 from callbot_core.access.permissions import Actor, require
@@ -45,6 +45,23 @@ class ConversationRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Citation:
+    """A passage a turn's prompt used, numbered as the reply cites it. `text` is None once its document was
+    re-ingested or deleted (the turn still says where the passage came from)."""
+
+    number: int
+    source: str
+    page: int | None
+    heading: str | None
+    similarity: float | None
+    text: str | None
+
+    @property
+    def label(self) -> str:
+        return self.source if self.page is None else f"{self.source}, page {self.page}"
+
+
+@dataclass(frozen=True, slots=True)
 class MessageRow:
     id: int
     role: str
@@ -58,6 +75,11 @@ class MessageRow:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    # Retrieval, on a reply whose persona answers from documents: the passages cited, the low-relevance flag and
+    # the retrieve stage's time.
+    citations: tuple[Citation, ...] = ()
+    low_relevance: bool | None = None
+    retrieve_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,9 +213,11 @@ def get_conversation(store: Store, conversation_id: int) -> ConversationDetail:
             .where(Message.conversation_id == conversation_id)
             .order_by(Message.id)
         )
+        citations, retrieve_ms = _retrievals(session, conversation_id)
         messages = []
         for msg, tm, failed in rows:
             metrics = tm or failed
+            cited, low = citations.get(tm.id, ((), None)) if tm else ((), None)
             messages.append(
                 MessageRow(
                     id=msg.id,
@@ -207,9 +231,39 @@ def get_conversation(store: Store, conversation_id: int) -> ConversationDetail:
                     prompt_tokens=metrics.prompt_tokens if tm else None,
                     completion_tokens=metrics.completion_tokens if tm else None,
                     error=failed.error if failed else None,
+                    citations=cited,
+                    low_relevance=low,
+                    retrieve_ms=retrieve_ms.get(tm.id) if tm else None,
                 )
             )
         return ConversationDetail(_to_row(tuple(found)), system_prompt, conv.summary_full, messages)
+
+
+def _retrievals(
+    session: Session, conversation_id: int
+) -> tuple[dict[int, tuple[tuple[Citation, ...], bool]], dict[int, float]]:
+    """Per turn of the conversation (by turn_metrics id): the passages it used with its low-relevance flag, and its
+    retrieve stage's time."""
+    from callbot_core.store.models import KnowledgeChunk, TurnRetrieval, TurnStage
+
+    cited: dict[int, tuple[list[Citation], bool]] = {}
+    for r, text in session.execute(
+        select(TurnRetrieval, KnowledgeChunk.text)
+        .join(TurnMetrics, TurnMetrics.id == TurnRetrieval.turn_metrics_id)
+        .outerjoin(KnowledgeChunk, KnowledgeChunk.id == TurnRetrieval.chunk_id)
+        .where(TurnMetrics.conversation_id == conversation_id)
+        .order_by(TurnRetrieval.turn_metrics_id, TurnRetrieval.rank)
+    ):
+        entry = cited.setdefault(r.turn_metrics_id, ([], r.low_relevance))
+        entry[0].append(Citation(r.rank, r.source, r.page, r.heading, r.similarity, text))
+    times = dict(
+        session.execute(
+            select(TurnStage.turn_metrics_id, TurnStage.ms)
+            .join(TurnMetrics, TurnMetrics.id == TurnStage.turn_metrics_id)
+            .where(TurnMetrics.conversation_id == conversation_id, TurnStage.stage == "retrieve")
+        ).all()
+    )
+    return {k: (tuple(v), low) for k, (v, low) in cited.items()}, times
 
 
 def delete_conversation(store: Store, conversation_id: int, *, actor: Actor, client_addr: str | None = None) -> None:

@@ -53,6 +53,7 @@ from callbot_core.store.models import Conversation, Message, PersonaVersion, Run
 
 if TYPE_CHECKING:
     from callbot_core.access.permissions import Actor
+    from callbot_core.knowledge.retrieval import Hit
     from callbot_core.settings import Settings
     from callbot_core.store import Store
 
@@ -80,6 +81,10 @@ class TurnResult:
     trimmed_messages: int
     error: str | None = None
     cached: bool = False  # the reply came from the response cache (cache.py), not the backend
+    # Retrieval (knowledge/stage.py): the passages the prompt used, numbered from 1 as the reply cites them, and
+    # whether the best of them matched the question poorly. None: the persona retrieves nothing.
+    citations: tuple[Hit, ...] = ()
+    low_relevance: bool | None = None
 
 
 class EmptyReply(BackendError):
@@ -231,7 +236,9 @@ class Stage(Protocol):
 
     `run` returns None, or (a streaming stage) an iterator of text pieces for the caller. Stages before the first
     streaming one run inside `send`; it and the stages after it run as the caller iterates. `after_failure`
-    stages still run once an earlier stage has failed (persist: the failure is stored).
+    stages still run once an earlier stage has failed (persist: the failure is stored). A stage may also have
+    `applies(turn) -> bool`: when it says False the stage is skipped for that turn, untimed and unrecorded
+    (retrieve, for a persona with no documents).
     """
 
     name: ClassVar[str]
@@ -349,7 +356,15 @@ class Persist(Stage):
 
 
 def default_stages() -> list[Stage]:
-    return [Validate(), BuildPrompt(), Generate(), Persist()]
+    # Imported here: knowledge builds on this package (its stage and observer), not the other way round.
+    from callbot_core.knowledge.stage import Retrieve
+
+    return [Validate(), Retrieve(), BuildPrompt(), Generate(), Persist()]
+
+
+def _applies(stage: Stage, turn: TurnContext) -> bool:
+    applies = getattr(stage, "applies", None)
+    return applies is None or bool(applies(turn))
 
 
 # -- running a turn -----------------------------------------------------------------------------------------
@@ -363,6 +378,14 @@ def start_turn(turn: TurnContext, stages: Sequence[Stage], observers: ObserverLi
     observers.notify("turn_started", turn)
     split = next((i for i, stage in enumerate(stages) if getattr(stage, "streams", False)), len(stages))
     for position, stage in enumerate(stages[:split]):
+        try:
+            if not _applies(stage, turn):
+                continue
+        except BaseException as exc:
+            turn.error = error_text(exc)
+            turn._rollback(exc)
+            observers.notify("turn_failed", turn, turn.error)
+            raise
         timing = _begin(turn, position, stage, observers)
         try:
             pieces = stage.run(turn)
@@ -471,6 +494,8 @@ def _run(
             recorder = getattr(stage, "after_failure", False)
             if failure is not None and not recorder:
                 continue
+            if not recorder and not _applies(stage, turn):
+                continue
             timing = _begin(turn, position, stage, observers)
             pieces: Iterator[str] | None = None
             error: str | None = None
@@ -521,7 +546,8 @@ def _run(
 
 
 def _begin(turn: TurnContext, position: int, stage: Stage, observers: ObserverList) -> StageTiming:
-    timing = StageTiming(stage.name, position, turn.clock.now())
+    # Numbered among the stages that ran: a stage that does not apply to this turn leaves no gap.
+    timing = StageTiming(stage.name, len(turn.timings), turn.clock.now())
     turn.timings.append(timing)
     observers.notify("stage_started", turn, timing)
     return timing
@@ -572,7 +598,15 @@ def _result(turn: TurnContext) -> TurnResult | None:
         tokens_per_s=turn.tokens_per_s,
         trimmed_messages=turn.trimmed,
         cached=turn.cached,
+        **_retrieval_fields(turn),
     )
+
+
+def _retrieval_fields(turn: TurnContext) -> dict[str, Any]:
+    retrieval = turn.notes.get("retrieval")
+    if retrieval is None:
+        return {}
+    return {"citations": tuple(turn.notes.get("retrieval_used") or ()), "low_relevance": retrieval.low_relevance}
 
 
 # -- rows the stages read -----------------------------------------------------------------------------------

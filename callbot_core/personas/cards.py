@@ -79,6 +79,9 @@ def export_card(store: Store, ref: str) -> dict[str, Any]:
                 "backend": v.backend,
                 "model": v.model,
                 "voice": v.voice,
+                "knowledge_collection": v.knowledge_collection,
+                "knowledge_k": v.knowledge_k,
+                "knowledge_threshold": v.knowledge_threshold,
             },
         }
         return {"spec": CARD_SPEC, "spec_version": "2.0", "data": data}
@@ -143,7 +146,18 @@ def _card_fields(data: dict[str, Any]) -> dict[str, Any]:
         "card_extensions": extensions,
         "card_fields": {f: data[f] for f in CARD_KEPT_FIELDS if data.get(f) not in (None, "", [])},
     }
-    for name in ("temperature", "top_p", "max_tokens", "stop_words", "backend", "model", "voice"):
+    for name in (
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stop_words",
+        "backend",
+        "model",
+        "voice",
+        "knowledge_collection",
+        "knowledge_k",
+        "knowledge_threshold",
+    ):
         if name in ours:
             fields[name] = ours[name]
     try:

@@ -65,6 +65,11 @@ TOP_P = FieldRange("top_p", float, 0.0, 1.0, low_inclusive=False, input_low=0.01
 MAX_TOKENS = FieldRange("max_tokens", int, 1, 4096)
 SEED = FieldRange("seed", int, 0, None)
 
+# Retrieval settings of a version (knowledge/stage.py): how many passages a turn gets, and the similarity under
+# which a retrieval is flagged low relevance. Kept out of FIELDS: they are not sampling settings.
+KNOWLEDGE_K = FieldRange("knowledge_k", int, 1, 20)
+KNOWLEDGE_THRESHOLD = FieldRange("knowledge_threshold", float, 0.0, 1.0)
+
 # The settings a comparison variant or a suite grid may override, in the order labels and stored params use.
 FIELDS: dict[str, FieldRange] = {f.name: f for f in (TEMPERATURE, TOP_P, MAX_TOKENS, SEED)}
 

@@ -20,7 +20,7 @@ from callbot_core.access import audit
 from callbot_core.access.permissions import Actor, require
 from callbot_core.errors import Conflict, InvalidInput, NotFound
 from callbot_core.personas.catalog import get_persona_version, parse_persona_ref
-from callbot_core.personas.fields import check_field
+from callbot_core.personas.fields import KNOWLEDGE_K, KNOWLEDGE_THRESHOLD, check_field
 from callbot_core.store.models import Persona, PersonaVersion
 
 if TYPE_CHECKING:
@@ -42,6 +42,9 @@ VERSION_FIELDS = (
     "tags",
     "card_extensions",
     "card_fields",
+    "knowledge_collection",
+    "knowledge_k",
+    "knowledge_threshold",
 )
 PERSONA_FIELDS = ("name", "description")
 LONG_TEXT_FIELDS = ("system_prompt", "greeting")
@@ -64,6 +67,9 @@ class VersionInfo:
     model: str | None
     voice: str | None
     tags: tuple[str, ...]
+    knowledge_collection: str | None
+    knowledge_k: int
+    knowledge_threshold: float | None
     note: str
     created_at: datetime
     production: bool
@@ -101,6 +107,9 @@ def _info(version: PersonaVersion) -> VersionInfo:
         model=version.model,
         voice=version.voice,
         tags=tuple(version.tags or ()),
+        knowledge_collection=version.knowledge_collection,
+        knowledge_k=version.knowledge_k if version.knowledge_k is not None else 4,
+        knowledge_threshold=version.knowledge_threshold,
         note=version.note or "",
         created_at=version.created_at,
         production=persona.production_version_id == version.id,
@@ -145,10 +154,23 @@ def _validate(fields: dict[str, Any]) -> dict[str, Any]:
     for name in ("backend", "model", "voice"):
         if name in out:
             out[name] = _optional_str(name, out[name])
+    if "knowledge_collection" in out:
+        name = _optional_str("knowledge_collection", out["knowledge_collection"])
+        out["knowledge_collection"] = None if name is None else _collection_name(name)
+    if "knowledge_k" in out:
+        out["knowledge_k"] = KNOWLEDGE_K.check(out["knowledge_k"])
+    if out.get("knowledge_threshold") is not None:
+        out["knowledge_threshold"] = KNOWLEDGE_THRESHOLD.check(out["knowledge_threshold"])
     for name in ("card_extensions", "card_fields"):
         if name in out and not isinstance(out[name], dict):
             raise InvalidInput(f"{name} must be an object, not {out[name]!r}")
     return out
+
+
+def _collection_name(name: str) -> str:
+    from callbot_core.knowledge.index import check_collection_name  # a leaf check; knowledge imports personas
+
+    return check_collection_name(name)
 
 
 def _persona(session: Session, key: str) -> Persona:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -166,6 +167,12 @@ class PersonaVersion(Base):
     # Card fields we keep for export but do not use directly (personality, scenario, mes_example...).
     card_fields: Mapped[dict] = mapped_column(JSON, default=dict, server_default="{}")
     note: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # Retrieval: the knowledge collection the persona answers from (None: no retrieval), how many passages a turn
+    # gets, and the similarity under which a retrieval is flagged low relevance (None: the configured default).
+    # Part of the version, so retrieval settings are compared, frozen and promoted like the prompt.
+    knowledge_collection: Mapped[str | None] = mapped_column(String(64))
+    knowledge_k: Mapped[int] = mapped_column(Integer, default=4, server_default="4")
+    knowledge_threshold: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     persona: Mapped[Persona] = relationship(back_populates="versions", foreign_keys=[persona_id])
@@ -475,3 +482,133 @@ class EvalResult(Base):
     passed: Mapped[bool] = mapped_column(Boolean)
     score: Mapped[float | None] = mapped_column(Float)
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+# -- knowledge ------------------------------------------------------------------------------------------------
+
+
+class KnowledgeCollection(Base):
+    """A named set of documents searched together. It records which embedder made its vectors (name and
+    dimensions): a query embedded by another one would compare meaningless numbers, so that is refused."""
+
+    __tablename__ = "knowledge_collections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    embedder: Mapped[str] = mapped_column(String(100))
+    dimensions: Mapped[int] = mapped_column(Integer)
+    # The vector store's name for it: the name plus a random suffix, so a store rebuilt from scratch never meets
+    # vectors left in the vector store by an earlier one (their ids would name other chunks).
+    vector_name: Mapped[str] = mapped_column(String(64), unique=True)
+    # Bumped by every change to its chunks: the in-memory keyword index is rebuilt when it moves.
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class KnowledgeDocument(Base):
+    """One ingested file. `source` is its name (its path under the folder ingested, for folders); re-ingesting the
+    same source replaces its chunks, unless the bytes and chunk settings are unchanged (then it is skipped)."""
+
+    __tablename__ = "knowledge_documents"
+    __table_args__ = (UniqueConstraint("collection_id", "source", name="uq_knowledge_documents_collection_source"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("knowledge_collections.id", ondelete="CASCADE"))
+    source: Mapped[str] = mapped_column(String(500))
+    format: Mapped[str] = mapped_column(String(10))
+    content_hash: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    pages: Mapped[int | None] = mapped_column(Integer)
+    chunk_count: Mapped[int] = mapped_column(Integer)
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    chunk_overlap: Mapped[int] = mapped_column(Integer)
+    ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    ingested_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class KnowledgeChunk(Base):
+    """A passage of a document: its text and where it came from. Its vector lives in the vector store under the
+    chunk's id; `content_hash` keys the embedding cache."""
+
+    __tablename__ = "knowledge_chunks"
+    __table_args__ = (Index("ix_knowledge_chunks_document_id_position", "document_id", "position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    document_id: Mapped[int] = mapped_column(ForeignKey("knowledge_documents.id", ondelete="CASCADE"))
+    # Denormalised from the document: the keyword index loads a collection's chunks in one query.
+    collection_id: Mapped[int] = mapped_column(ForeignKey("knowledge_collections.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    page: Mapped[int | None] = mapped_column(Integer)
+    heading: Mapped[str | None] = mapped_column(String(500))
+    content_hash: Mapped[str] = mapped_column(String(64))
+
+
+class EmbeddingCache(Base):
+    """Vectors by embedder and text hash: re-ingesting a changed file embeds only the passages that changed."""
+
+    __tablename__ = "embedding_cache"
+
+    embedder: Mapped[str] = mapped_column(String(100), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian
+
+
+class TurnRetrieval(Base):
+    """One passage a turn retrieved, in rank order. Source, page and heading are copied: a document re-ingested
+    later replaces its chunks, and the turn must still say what it was shown."""
+
+    __tablename__ = "turn_retrievals"
+    __table_args__ = (UniqueConstraint("turn_metrics_id", "rank", name="uq_turn_retrievals_turn_rank"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    turn_metrics_id: Mapped[int] = mapped_column(ForeignKey("turn_metrics.id", ondelete="CASCADE"))
+    chunk_id: Mapped[int | None] = mapped_column(ForeignKey("knowledge_chunks.id", ondelete="SET NULL"), index=True)
+    collection: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(500))
+    page: Mapped[int | None] = mapped_column(Integer)
+    heading: Mapped[str | None] = mapped_column(String(500))
+    rank: Mapped[int] = mapped_column(Integer)  # 1 = best, after fusing keyword and vector ranks
+    similarity: Mapped[float | None] = mapped_column(Float)  # cosine similarity 0..1; None: a keyword-only hit
+    low_relevance: Mapped[bool] = mapped_column(Boolean, default=False)  # the turn's flag, on each of its rows
+
+
+class RetrievalEval(Base):
+    """One run of a question set against a collection with given settings: recall@k, MRR, and how many questions
+    the documents do not answer were flagged low relevance."""
+
+    __tablename__ = "retrieval_evals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    collection: Mapped[str] = mapped_column(String(64), index=True)
+    questions_file: Mapped[str] = mapped_column(String(500))
+    k: Mapped[int] = mapped_column(Integer)
+    threshold: Mapped[float] = mapped_column(Float)
+    embedder: Mapped[str] = mapped_column(String(100))
+    # The collection's chunk settings when it ran (its documents' most common ones), so runs compare like for like.
+    chunk_size: Mapped[int | None] = mapped_column(Integer)
+    chunk_overlap: Mapped[int | None] = mapped_column(Integer)
+    questions: Mapped[int] = mapped_column(Integer)
+    answerable: Mapped[int] = mapped_column(Integer)
+    recall_at_k: Mapped[float | None] = mapped_column(Float)  # None when no question is answerable
+    mrr: Mapped[float | None] = mapped_column(Float)
+    unanswerable_flagged: Mapped[int] = mapped_column(Integer)
+    unanswerable: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class RetrievalEvalResult(Base):
+    """One question of a retrieval evaluation: what was expected, what came back, where the first right one was."""
+
+    __tablename__ = "retrieval_eval_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    retrieval_eval_id: Mapped[int] = mapped_column(ForeignKey("retrieval_evals.id", ondelete="CASCADE"), index=True)
+    question: Mapped[str] = mapped_column(Text)
+    expected_sources: Mapped[list] = mapped_column(JSON)
+    retrieved_sources: Mapped[list] = mapped_column(JSON)
+    first_relevant_rank: Mapped[int | None] = mapped_column(Integer)
+    best_similarity: Mapped[float | None] = mapped_column(Float)
+    low_relevance: Mapped[bool] = mapped_column(Boolean)

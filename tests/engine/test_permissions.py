@@ -45,10 +45,10 @@ PW = "long-enough-1"
 
 # What each role may do, written out by hand: the table must say exactly this.
 EXPECTED = {
-    "viewer": {"conversation.read", "sql.run", "query.save", "metrics.read"},
+    "viewer": {"conversation.read", "sql.run", "query.save", "metrics.read", "knowledge.read"},
     "researcher": {
         "chat", "persona.edit", "persona.promote", "compare", "suite.run", "conversation.read", "report.run",
-        "sql.run", "query.save", "metrics.read",
+        "sql.run", "query.save", "metrics.read", "knowledge.read", "knowledge.edit", "knowledge.eval",
     },
     "admin": set(ACTIONS),
 }  # fmt: skip
@@ -78,8 +78,17 @@ class _KeyActor:
 
 # What each API key scope allows on top of the role, written out by hand.
 SCOPED = {
-    "read": {"conversation.read", "sql.run", "query.save", "metrics.read"},
-    "chat": {"chat", "persona.edit", "persona.promote", "compare", "suite.run", "report.run"},
+    "read": {"conversation.read", "sql.run", "query.save", "metrics.read", "knowledge.read"},
+    "chat": {
+        "chat",
+        "persona.edit",
+        "persona.promote",
+        "compare",
+        "suite.run",
+        "report.run",
+        "knowledge.edit",
+        "knowledge.eval",
+    },
 }
 
 

@@ -183,8 +183,8 @@ def test_the_setting_turns_it_on_for_every_service(settings: Settings, store, ba
         "llm_backend": "scripted", "response_cache": True, "redis_url": redis_url, "response_cache_ttl_s": 60,
     })  # fmt: skip
     service = ConversationService(store, configured)
-    assert [s.name for s in service.stages] == ["validate", "prompt", "generate", "persist"]
-    assert isinstance(service.stages[2], CachedGenerate)
+    assert [s.name for s in service.stages] == ["validate", "retrieve", "prompt", "generate", "persist"]
+    assert isinstance(service.stages[3], CachedGenerate)
     text = f"Are you open on {uuid.uuid4().hex}?"  # the default prefix is shared with other runs: a prompt of our own
     _, _, first = _turn(service, text=text)
     _, _, second = _turn(service, text=text)

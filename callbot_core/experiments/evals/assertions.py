@@ -89,6 +89,8 @@ def evaluate(assertion: Assertion, said: str, result: TurnResult, context: Asser
         if measured is None:
             return Outcome(False, None, f"no {label} time was measured")
         return Outcome(measured <= spec["ms"], measured, f"{label} {measured:,.0f} ms (max {spec['ms']:,.0f} ms)")
+    if kind in ("retrieved", "cites"):
+        return _retrieval(kind, spec["source"].strip(), result)
     context = context or AssertionContext()
     if kind == "similar_to":
         score = similarity(text, spec["reference"], context.get_embedder())
@@ -97,6 +99,32 @@ def evaluate(assertion: Assertion, said: str, result: TurnResult, context: Asser
     if kind == "judge":
         return _judge(spec, said, text, context)
     raise ValueError(f"Unknown assertion kind {kind!r}")  # the parser only lets known kinds through
+
+
+def _same_file(source: str, wanted: str) -> bool:
+    return source == wanted or source.rsplit("/", 1)[-1] == wanted
+
+
+def _retrieval(kind: str, wanted: str, result: TurnResult) -> Outcome:
+    """`retrieved`: the file is among the passages the turn's prompt used. `cites`: the reply cites one of that
+    file's passages by its number ([2]) or names the file."""
+    if result.low_relevance is None:
+        return Outcome(False, None, "the turn retrieved nothing (the persona version names no knowledge collection)")
+    numbers = [n for n, hit in enumerate(result.citations, start=1) if _same_file(hit.source, wanted)]
+    if kind == "retrieved":
+        if numbers:
+            return Outcome(True, float(numbers[0]), f"{wanted} is passage [{numbers[0]}]")
+        got = ", ".join(dict.fromkeys(h.source for h in result.citations)) or "nothing"
+        return Outcome(False, None, f"{wanted} was not retrieved (got {got})")
+    cited = [n for n in numbers if f"[{n}]" in result.text]
+    if cited:
+        return Outcome(True, float(cited[0]), f"the reply cites [{cited[0]}] ({wanted})")
+    if wanted.casefold() in result.text.casefold():
+        return Outcome(True, None, f"the reply names {wanted}")
+    if not numbers:
+        return Outcome(False, None, f"{wanted} was not retrieved, so the reply cannot cite it")
+    shown = ", ".join(f"[{n}]" for n in numbers)
+    return Outcome(False, None, f"the reply does not cite {wanted} ({shown})")
 
 
 def _judge(spec: dict, said: str, reply: str, context: AssertionContext) -> Outcome:

@@ -40,6 +40,9 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     "max_total_ms": ("ms", {}),
     "similar_to": ("reference", {"threshold": 0.6}),
     "judge": ("rubric", {"min_score": 3, "backend": None, "model": None}),
+    # Retrieval (personas with a knowledge collection): a file among the turn's passages / cited by the reply.
+    "retrieved": ("source", {}),
+    "cites": ("source", {}),
 }
 _TOP_LEVEL = ("name", "description", "persona", "turns", "simulate", "expect_each")
 _SIMULATE_FIELDS = ("goal", "personality", "turns", "opening")
@@ -334,7 +337,7 @@ class _Parser:
             return int(self.number(node, where, kind, integer=True, low=1, high=float("inf")))
         if kind in ("max_ttft_ms", "max_total_ms"):
             return float(self.number(node, where, kind, integer=False, low=1, high=float("inf")))
-        # contains, not_contains, regex, similar_to, judge: text; surrounding spaces matter for contains.
+        # contains, not_contains, regex, similar_to, judge, retrieved, cites: text; spaces matter for contains.
         return self.text(node, where, kind)
 
     def option(self, kind: str, option: str, node: yaml.Node, where: str) -> Any:
