@@ -1,7 +1,8 @@
 """Analytics: DuckDB over the store (a snapshot kept in step), guarded user SQL, views and dashboards.
 
 See `engine.py` for how the snapshot is kept and shared between processes, `guard.py` for what user SQL
-may do, `views.py` for the documented views and `dashboard.py` for the dashboards' query set.
+may do, `views.py` for the documented views, `dashboard.py` for the dashboards' query set and
+`leaderboard.py` for the Leaderboard page's tables.
 """
 
 from callbot_core.analytics.dashboard import DASHBOARD_QUERIES, DashboardFilters, dashboard_data

@@ -7,15 +7,19 @@ DuckDB's own format (`<runtime>/analytics.duckdb`) and kept in step incrementall
 - a probe on the store (a few native queries answered from indexes, one scan of `conversations`, a hash of
   the small tables) is compared with what the snapshot holds; equal means nothing to do, and the
   snapshot is not even opened for writing;
-- messages, turn metrics and turn stages are append-only: rows above the snapshot's highest id are copied (on
-  PostgreSQL also a margin below it, since ids are handed out before commit and a slower transaction can
-  commit a lower id later); system metrics likewise, copied whole again if rows were pruned;
+- messages, turn metrics, turn stages and turn retrievals are append-only: rows above the snapshot's highest id
+  are copied (on PostgreSQL also a margin below it, since ids are handed out before commit and a slower
+  transaction can commit a lower id later); system metrics likewise, copied whole again if rows were pruned.
+  The one later change to them: a turn retrieval's chunk_id is set to NULL when its chunk is deleted (a
+  document re-ingested or removed); the probe counts such rows, and when the count moves the snapshot's rows
+  are unlinked to match;
 - conversations are copied by id, and when their figures (count, status, ended_at, summaries, user) no
   longer match, compared row by row: updated rows are updated, deleted ones leave with their messages and
-  turns. A conversation replaced under a reused id (SQLite hands the highest id out again after it was
-  deleted) has a different start time and is treated as deleted and new;
-- users, personas, persona versions, eval runs and results, and comparisons (variants, votes) are small
-  and copied whole when their hash changes; JSON columns are stored as canonical JSON text.
+  turns (with their stages and retrievals). A conversation replaced under a reused id (SQLite hands the highest
+  id out again after it was deleted) has a different start time and is treated as deleted and new;
+- users, personas, persona versions, eval runs and results, comparisons (variants, votes) and retrieval
+  evaluations (runs, per-question results) are small and copied whole when their hash changes; JSON columns
+  are stored as canonical JSON text.
 
 How rows are read: PostgreSQL is attached READ_ONLY through DuckDB's postgres scanner, loaded from the
 `duckdb-extension-postgres-scanner` package (never INSTALLed: that would need the internet), with the id
@@ -94,7 +98,7 @@ __all__ = [
 
 SNAPSHOT_NAME = "analytics.duckdb"
 SOURCE = "src"  # the attached store's catalog name inside the refresh connection
-APPEND_ONLY = ("messages", "turn_metrics", "turn_stages")
+APPEND_ONLY = ("messages", "turn_metrics", "turn_stages", "turn_retrievals")
 # Small enough to copy whole when their hash changes; this also covers eval runs whose status changes and
 # rows deleted by cascades (a conversation's comparison variants and votes).
 SMALL_TABLES = (
@@ -106,6 +110,8 @@ SMALL_TABLES = (
     "comparisons",
     "comparison_variants",
     "comparison_votes",
+    "retrieval_evals",
+    "retrieval_eval_results",
 )
 # Ids a PostgreSQL transaction may still commit below the highest id already copied (see the docstring).
 PG_ID_MARGIN = 1000
@@ -577,7 +583,10 @@ class Analytics:
               (SELECT count(*) FROM system_metrics),
               (SELECT max(id) FROM system_metrics),
               (SELECT max(id) FROM turn_stages),
-              (SELECT count(*) FROM turn_stages WHERE id > :turn_stages_from)
+              (SELECT count(*) FROM turn_stages WHERE id > :turn_stages_from),
+              (SELECT max(id) FROM turn_retrievals),
+              (SELECT count(*) FROM turn_retrievals WHERE id > :turn_retrievals_from),
+              (SELECT count(*) FROM turn_retrievals WHERE chunk_id IS NULL)
         """
         lengths = ", sum(length(summary_short)), sum(length(summary_full))" if full else ""
         conv_sql = f"""
@@ -602,6 +611,8 @@ class Analytics:
             "messages": [row[2] and int(row[2]), int(row[3])],
             "turn_metrics": [row[4] and int(row[4]), int(row[5])],
             "turn_stages": [row[8] and int(row[8]), int(row[9])],
+            "turn_retrievals": [row[10] and int(row[10]), int(row[11])],
+            "unlinked_retrievals": int(row[12]),
             "system_metrics": [int(row[6]), row[7] and int(row[7])],
             "small": small,
         }
@@ -1186,6 +1197,7 @@ class _Sync:
             self.sync_conversations(probe)
             for table in APPEND_ONLY:
                 self.sync_append_only(table, probe[table][0] or 0)
+            self.sync_unlinked_retrievals(probe)
             self.sync_system_metrics(probe)
             self.commit_piece()
             new_params = self.next_params()
@@ -1330,12 +1342,13 @@ class _Sync:
     def delete_gone(self) -> None:
         if not self.one("SELECT count(*) FROM gone"):
             return
-        # A turn's stages hang off its turn_metrics row, so they go first, found through it.
-        n = self.count(
-            "DELETE FROM raw.turn_stages WHERE turn_metrics_id IN "
-            "(SELECT id FROM raw.turn_metrics WHERE conversation_id IN (SELECT id FROM gone))"
-        )
-        self.add(self.deleted, "turn_stages", n)
+        # A turn's stages and retrievals hang off its turn_metrics row, so they go first, found through it.
+        for table in ("turn_stages", "turn_retrievals"):
+            n = self.count(
+                f"DELETE FROM raw.{table} WHERE turn_metrics_id IN "
+                "(SELECT id FROM raw.turn_metrics WHERE conversation_id IN (SELECT id FROM gone))"
+            )
+            self.add(self.deleted, table, n)
         for table in ("turn_metrics", "messages", "conversations"):
             key = "id" if table == "conversations" else "conversation_id"
             self.add(self.deleted, table, self.count(f"DELETE FROM raw.{table} WHERE {key} IN (SELECT id FROM gone)"))
@@ -1430,6 +1443,29 @@ class _Sync:
             self.add(self.copied, table, n)
             self.commit_piece()
 
+    def unlinked_retrievals(self) -> int:
+        return self.count("SELECT count(*) FROM raw.turn_retrievals WHERE chunk_id IS NULL")
+
+    def sync_unlinked_retrievals(self, probe: dict[str, Any]) -> None:
+        """Follow the store's ON DELETE SET NULL of turn_retrievals.chunk_id (a chunk deleted or re-ingested).
+
+        A chunk_id only ever goes from a chunk to NULL, so when the store's count of unlinked rows differs from
+        the snapshot's, the store's unlinked ids are read (from the chunk_id index) and those rows unlinked here.
+        """
+        import pyarrow as pa
+
+        if self.unlinked_retrievals() == probe["unlinked_retrievals"]:
+            return
+        with self.an.store.engine.connect() as c:
+            ids = c.execute(text("SELECT id FROM turn_retrievals WHERE chunk_id IS NULL")).scalars().all()
+        self.conn.register("unlinked_ids", pa.table({"id": pa.array(ids, type=pa.int64())}))
+        n = self.count(
+            "UPDATE raw.turn_retrievals SET chunk_id = NULL "
+            "WHERE chunk_id IS NOT NULL AND id IN (SELECT id FROM unlinked_ids)"
+        )
+        self.conn.unregister("unlinked_ids")
+        self.add(self.copied, "turn_retrievals", n)
+
     def sync_system_metrics(self, probe: dict[str, Any]) -> None:
         count, top = probe["system_metrics"]
         top = top or 0
@@ -1470,5 +1506,6 @@ class _Sync:
             out[table] = [top and int(top), int(window)]
         count, top = self.conn.execute("SELECT count(*), max(id) FROM raw.system_metrics").fetchone()
         out["system_metrics"] = [int(count), top and int(top)]
+        out["unlinked_retrievals"] = self.unlinked_retrievals()
         out["small"] = probe["small"]
         return out

@@ -9,7 +9,9 @@ Two things are computed once, when a row is copied, rather than by every query: 
 (`messages.words`, the summaries' word counts) and, on each turn, when it started and how many words the
 caller and the bot said (`raw.turn_metrics.started_at`, `user_words`, `bot_words`). Messages never change
 once stored, so these stay right; they are what keeps the dashboards fast on a million messages.
-A turn's stages (`raw.turn_stages`) are copied as stored; the view adds each one's time to first output.
+A turn's stages (`raw.turn_stages`) are copied as stored; the view adds each one's time to first output. So
+are the passages a turn's prompt used (`raw.turn_retrievals`); their `chunk_id` is the one value the store
+changes afterwards (set to NULL when the chunk is deleted), and the refresh follows it (see engine.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Bump when a table's columns, a copy expression or a view changes: an older snapshot is then rebuilt.
-SNAPSHOT_FORMAT = 6
+SNAPSHOT_FORMAT = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,19 @@ TABLES: dict[str, list[Column]] = {
         Column("ms", "DOUBLE"),
         Column("error", "VARCHAR"),
     ],
+    # One row per passage a turn's prompt used (callbot_core/knowledge), written with the turn like its stages.
+    "turn_retrievals": [
+        Column("id", "BIGINT"),
+        Column("turn_metrics_id", "BIGINT"),
+        Column("chunk_id", "BIGINT"),
+        Column("collection", "VARCHAR"),
+        Column("source", "VARCHAR"),
+        Column("page", "INTEGER"),
+        Column("heading", "VARCHAR"),
+        Column("rank", "INTEGER"),
+        Column("similarity", "DOUBLE"),
+        Column("low_relevance", "BOOLEAN", "CAST(s.low_relevance AS BOOLEAN)"),
+    ],
     # Scenario-suite runs and their assertions' results (callbot_core/evals), and side-by-side comparisons.
     "eval_runs": [
         Column("id", "BIGINT"),
@@ -163,6 +178,35 @@ TABLES: dict[str, list[Column]] = {
         Column("passed", "BOOLEAN", "CAST(s.passed AS BOOLEAN)"),
         Column("score", "DOUBLE"),
         Column("detail", "VARCHAR"),
+    ],
+    # Retrieval evaluations (`callbot knowledge eval`): one row per run with its settings, one per question.
+    "retrieval_evals": [
+        Column("id", "BIGINT"),
+        Column("collection", "VARCHAR"),
+        Column("questions_file", "VARCHAR"),
+        Column("k", "INTEGER"),
+        Column("threshold", "DOUBLE"),
+        Column("embedder", "VARCHAR"),
+        Column("chunk_size", "INTEGER"),
+        Column("chunk_overlap", "INTEGER"),
+        Column("questions", "INTEGER"),
+        Column("answerable", "INTEGER"),
+        Column("recall_at_k", "DOUBLE"),
+        Column("mrr", "DOUBLE"),
+        Column("unanswerable_flagged", "INTEGER"),
+        Column("unanswerable", "INTEGER"),
+        _ts("created_at"),
+        Column("created_by", "VARCHAR"),
+    ],
+    "retrieval_eval_results": [
+        Column("id", "BIGINT"),
+        Column("retrieval_eval_id", "BIGINT"),
+        Column("question", "VARCHAR"),
+        Column("expected_sources", "VARCHAR", json=True),
+        Column("retrieved_sources", "VARCHAR", json=True),
+        Column("first_relevant_rank", "INTEGER"),
+        Column("best_similarity", "DOUBLE"),
+        Column("low_relevance", "BOOLEAN", "CAST(s.low_relevance AS BOOLEAN)"),
     ],
     "comparisons": [
         Column("id", "BIGINT"),
@@ -263,6 +307,50 @@ JOIN raw.turn_metrics tm ON tm.id = ts.turn_metrics_id
 JOIN raw.conversations c ON c.id = tm.conversation_id
 JOIN raw.persona_versions pv ON pv.id = c.persona_version_id
 JOIN raw.personas p ON p.id = pv.persona_id
+""",
+    "retrievals": """
+SELECT
+    tr.turn_metrics_id AS turn_id,
+    tm.conversation_id,
+    coalesce(tm.started_at, tm.created_at) AS started_at,
+    p.key AS persona,
+    pv.version AS persona_version,
+    tm.backend,
+    tm.model,
+    c.channel,
+    tr.collection,
+    tr.source,
+    tr.page,
+    tr.heading,
+    tr.chunk_id,
+    tr.rank,
+    tr.similarity,
+    tr.low_relevance
+FROM raw.turn_retrievals tr
+JOIN raw.turn_metrics tm ON tm.id = tr.turn_metrics_id
+JOIN raw.conversations c ON c.id = tm.conversation_id
+JOIN raw.persona_versions pv ON pv.id = c.persona_version_id
+JOIN raw.personas p ON p.id = pv.persona_id
+""",
+    "retrieval_evals": """
+SELECT
+    id,
+    collection,
+    questions_file,
+    k,
+    threshold,
+    embedder,
+    chunk_size,
+    chunk_overlap,
+    questions,
+    answerable,
+    recall_at_k,
+    mrr,
+    unanswerable_flagged,
+    unanswerable,
+    created_at,
+    created_by
+FROM raw.retrieval_evals
 """,
     "conversations_stats": """
 WITH msg AS (
@@ -529,6 +617,66 @@ VIEW_DOCS: list[ViewDoc] = [
         ],
     ),
     ViewDoc(
+        "retrievals",
+        "One row per passage of a knowledge collection that a turn's prompt used, in rank order (the prompt "
+        "numbers them [1], [2]...); a turn that used none has no row. Source, page and heading are as they were "
+        "when the turn ran, also after the document was re-ingested or deleted.",
+        [
+            ("turn_id", "the turn (turns.turn_id, turn_metrics.id)"),
+            ("conversation_id", "its conversation"),
+            ("started_at", "when the turn's caller message arrived (UTC)"),
+            ("persona", "persona key"),
+            ("persona_version", "persona version number"),
+            ("backend", "LLM backend that served the turn"),
+            ("model", "model name on that backend"),
+            ("channel", "text, voice, api or simulated"),
+            ("collection", "the knowledge collection searched"),
+            ("source", "the passage's document (file name)"),
+            ("page", "its page in that document, NULL when the format has none"),
+            ("heading", "the heading the passage sits under, or NULL"),
+            ("chunk_id", "the stored chunk (knowledge_chunks.id); NULL once the chunk was deleted or re-ingested"),
+            ("rank", "its place among the turn's passages, 1 = best"),
+            ("similarity", "cosine similarity of passage and question, 0..1 (NULL when not known)"),
+            (
+                "low_relevance",
+                "the turn's flag, the same on each of its rows: its best similarity was below the relevance "
+                "threshold, so the documents probably do not answer the question",
+            ),
+        ],
+    ),
+    ViewDoc(
+        "retrieval_evals",
+        "One row per retrieval evaluation run (`callbot knowledge eval`): a question set against a collection, "
+        "with the settings it ran with and its scores. Its questions, one row each, are in "
+        "raw.retrieval_eval_results (retrieval_eval_id = id).",
+        [
+            ("id", "retrieval_evals.id"),
+            ("collection", "the knowledge collection evaluated"),
+            ("questions_file", "the question set's file name"),
+            ("k", "passages retrieved per question"),
+            ("threshold", "the relevance threshold: a best similarity below it flags the question low_relevance"),
+            ("embedder", "the embedding model of the collection"),
+            ("chunk_size", "the collection's chunk size then (its documents' most common), NULL if unknown"),
+            ("chunk_overlap", "the collection's chunk overlap then (its documents' most common), NULL if unknown"),
+            ("questions", "questions asked"),
+            ("answerable", "questions with expected sources (the documents answer them)"),
+            (
+                "recall_at_k",
+                "share of an answerable question's expected sources among its k passages, averaged, 0..1 "
+                "(NULL without answerable questions)",
+            ),
+            (
+                "mrr",
+                "mean reciprocal rank: 1 / rank of the first passage from an expected source (0 when none), "
+                "averaged over the answerable questions, 0..1",
+            ),
+            ("unanswerable_flagged", "questions the documents do not answer that were flagged low relevance"),
+            ("unanswerable", "questions the documents do not answer (no expected sources)"),
+            ("created_at", "when it ran (UTC)"),
+            ("created_by", "who ran it (NULL: the command line without signing in)"),
+        ],
+    ),
+    ViewDoc(
         "conversations_stats",
         "One row per conversation with its counts, talk and latency figures. Latencies are over successful "
         "turns; words count every user and assistant message (the greeting is bot talk).",
@@ -657,8 +805,9 @@ VIEW_DOCS: list[ViewDoc] = [
 
 RAW_TABLES_NOTE = (
     "The copied store tables are also readable as raw.users (no password hashes or e-mail), raw.personas, "
-    "raw.persona_versions, raw.conversations, raw.messages, raw.turn_metrics, raw.turn_stages, raw.system_metrics, "
-    "raw.eval_runs, raw.eval_results, raw.comparisons, raw.comparison_variants and raw.comparison_votes "
+    "raw.persona_versions, raw.conversations, raw.messages, raw.turn_metrics, raw.turn_stages, "
+    "raw.turn_retrievals, raw.system_metrics, raw.eval_runs, raw.eval_results, raw.comparisons, "
+    "raw.comparison_variants, raw.comparison_votes, raw.retrieval_evals and raw.retrieval_eval_results "
     "(JSON columns as canonical JSON text). "
     "Times are UTC. word_count(text) counts words the way the views do."
 )
