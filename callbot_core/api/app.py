@@ -12,7 +12,7 @@ import callbot_core
 from callbot_core.api import errors, events, limits, metrics
 from callbot_core.api.context import ApiContext
 from callbot_core.api.middleware import RequestLimits
-from callbot_core.api.routes import auth, conversations, health, openai_compat, personas, runs, sql
+from callbot_core.api.routes import auth, conversations, health, knowledge, openai_compat, personas, runs, sql
 from callbot_core.conversations.service import ConversationService
 from callbot_core.settings import Settings, get_settings
 from callbot_core.store import Store, open_store
@@ -51,11 +51,16 @@ def create_app(
     )
     app.state.ctx = ctx
     errors.install(app)
-    for module in (health, auth, conversations, personas, runs, sql, openai_compat):
+    for module in (health, auth, conversations, personas, knowledge, runs, sql, openai_compat):
         app.include_router(module.router)
     # Parts that add observers, middleware or routes of their own (live events, rate limits, metrics). Metrics last:
     # its middleware then wraps the others', so a request they answer (a 429) is timed and logged too.
     for setup in (events.setup, limits.setup, *(plugins or []), metrics.setup):
         setup(app, ctx)
-    app.add_middleware(RequestLimits, max_body_bytes=settings.api_max_body_bytes)
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=settings.api_max_body_bytes,
+        max_upload_bytes=settings.api_max_upload_bytes,
+        upload_paths=knowledge.UPLOAD_PATHS,
+    )
     return app

@@ -45,11 +45,21 @@ async def _send_error(send: Send, status: int, code: str, message: str, request_
 
 class RequestLimits:
     """Gives every request an id (`scope["state"]["request_id"]`, echoed in `X-Request-ID`) and refuses a body over
-    `max_body_bytes` with 413 before a route reads it: by Content-Length when given, else as it streams in."""
+    `max_body_bytes` with 413 before a route reads it: by Content-Length when given, else as it streams in. Paths
+    matching `upload_paths` (document uploads) get `max_upload_bytes` instead."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        max_upload_bytes: int | None = None,
+        upload_paths: re.Pattern[str] | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes or max_body_bytes
+        self.upload_paths = upload_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -62,9 +72,12 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
 
-        too_large = f"The request body is larger than {self.max_body_bytes:,} bytes (CALLBOT_API_MAX_BODY_BYTES)"
+        limit, setting = self.max_body_bytes, "CALLBOT_API_MAX_BODY_BYTES"
+        if self.upload_paths is not None and self.upload_paths.match(scope.get("path", "")):
+            limit, setting = self.max_upload_bytes, "CALLBOT_API_MAX_UPLOAD_BYTES"
+        too_large = f"The request body is larger than {limit:,} bytes ({setting})"
         length = _header(scope, b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        if length is not None and length.isdigit() and int(length) > limit:
             await _send_error(send, 413, "body_too_large", too_large, request_id)
             return
 
@@ -77,7 +90,7 @@ class RequestLimits:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
+                if seen > limit:
                     exceeded = True
                     raise _TooLarge
             return message

@@ -8,7 +8,19 @@ from collections.abc import Sequence
 
 import click
 
-from callbot_core.cli import analytics, api, chat, conversations, evals, personas, reports, simulate, store, users
+from callbot_core.cli import (
+    analytics,
+    api,
+    chat,
+    conversations,
+    evals,
+    knowledge,
+    personas,
+    reports,
+    simulate,
+    store,
+    users,
+)
 from callbot_core.cli._common import AS_USER_KEY
 from callbot_core.conversations.validation import NOT_UTF8
 from callbot_core.errors import CallbotError
@@ -44,6 +56,7 @@ for command in (
     reports.report,
     reports.pipelines,
     evals.eval_group,
+    knowledge.knowledge,
     simulate.simulate_cmd,
 ):
     cli.add_command(command)

@@ -48,6 +48,22 @@ def _stream_reply(service: object, conversation_id: int, text: str, actor: objec
             click.echo(piece, nl=False)
     click.echo()
     click.secho(_metrics_line(turn.result), dim=True)
+    _print_sources(turn)
+
+
+def _print_sources(turn: object) -> None:
+    """For a persona that answers from documents: the retrieval's time and the passages, numbered as cited."""
+    result = turn.result  # type: ignore[attr-defined]
+    if result is None or result.low_relevance is None:
+        return
+    timing = turn.turn.timing("retrieve")  # type: ignore[attr-defined]
+    took = f"retrieval {fmt_ms(timing.ms)}" if timing is not None and timing.ms is not None else "retrieval"
+    flag = " · low relevance: the documents probably do not answer this" if result.low_relevance else ""
+    click.secho(f"[{took}{flag}]", dim=True)
+    for number, hit in enumerate(result.citations, start=1):
+        where = hit.source if hit.page is None else f"{hit.source}, page {hit.page}"
+        similarity = "" if hit.similarity is None else f" (similarity {hit.similarity:.2f})"
+        click.secho(f"  [{number}] {where}{similarity}", dim=True)
 
 
 def _print_summaries(summaries: object) -> None:

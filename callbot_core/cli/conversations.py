@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from callbot_core.cli._common import fmt_ms, one_line, open_checked_store, table
+from callbot_core.cli._common import acting_user, fmt_ms, one_line, open_checked_store, table
 
 # -- conversations -----------------------------------------------------------------------------
 
@@ -93,10 +93,14 @@ def conversations_show(conversation_id: int) -> None:
 @click.command("search")
 @click.argument("query")
 @click.option("--limit", default=20, show_default=True)
-def search_cmd(query: str, limit: int) -> None:
-    """Search messages and summaries."""
+@click.option("--semantic", is_flag=True, help="Find messages by meaning (the embedder), not by their words.")
+def search_cmd(query: str, limit: int, semantic: bool) -> None:
+    """Search messages and summaries (by words), or messages by meaning with --semantic."""
     from callbot_core.conversations.transcripts import search
 
+    if semantic:
+        _semantic(query, limit)
+        return
     hits = search(open_checked_store(), query, limit=limit)
     if not hits:
         click.echo(f"Nothing matches {query!r}.")
@@ -107,6 +111,37 @@ def search_cmd(query: str, limit: int) -> None:
             [(h.conversation_id, h.role or h.source, h.created_at.strftime("%Y-%m-%d %H:%M"), h.snippet) for h in hits],
         )
     )
+
+
+def _semantic(query: str, limit: int) -> None:
+    import sys
+
+    from callbot_core.knowledge.index import KnowledgeBase
+    from callbot_core.knowledge.semantic import semantic_search
+    from callbot_core.settings import get_settings
+
+    store = open_checked_store()
+    kb = KnowledgeBase(store, get_settings())
+    with click.progressbar(length=1, label="Indexing new messages", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        hits = semantic_search(kb, query, actor=acting_user(store), limit=limit, progress=progress)
+    if not hits:
+        click.echo("No messages yet.")
+        return
+    click.echo(
+        table(
+            ["similarity", "conversation", "persona", "who", "when", "text"],
+            [
+                (f"{h.similarity:.2f}", h.conversation_id, h.persona, h.role, h.created_at.strftime("%Y-%m-%d %H:%M"),
+                 one_line(h.text, 70))
+                for h in hits
+            ],
+        )
+    )  # fmt: skip
 
 
 # -- export ------------------------------------------------------------------------------------

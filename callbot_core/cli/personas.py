@@ -120,6 +120,15 @@ def persona_clone(ref: str, new_key: str, name: str | None) -> None:
 @click.option("--top-p", type=float, default=None)
 @click.option("--max-tokens", type=int, default=None)
 @click.option("--stop", "stop_words", multiple=True, help="A stop word (repeatable; replaces the list).")
+@click.option(
+    "--knowledge",
+    "knowledge_collection",
+    default=None,
+    metavar="COLLECTION",
+    help="Answer from this knowledge collection ('' for none).",
+)
+@click.option("--knowledge-k", type=int, default=None, help="Passages each turn retrieves.")
+@click.option("--knowledge-threshold", type=float, default=None, help="Similarity under which a retrieval is flagged.")
 @click.option("--note", default="", help="What changed, kept with the version.")
 def persona_edit(
     key: str,
@@ -130,6 +139,9 @@ def persona_edit(
     top_p: float | None,
     max_tokens: int | None,
     stop_words: tuple[str, ...],
+    knowledge_collection: str | None,
+    knowledge_k: int | None,
+    knowledge_threshold: float | None,
     note: str,
 ) -> None:
     """Save a new version of KEY: the latest version with the given fields changed."""
@@ -146,6 +158,9 @@ def persona_edit(
         "top_p": top_p,
         "max_tokens": max_tokens,
         "stop_words": list(stop_words) or None,
+        "knowledge_collection": knowledge_collection,
+        "knowledge_k": knowledge_k,
+        "knowledge_threshold": knowledge_threshold,
     }
     changes = {k: v for k, v in given.items() if v is not None}
     if not changes:

@@ -224,6 +224,15 @@ class TurnRequest(BaseModel):
     params: TurnParams | None = None
 
 
+class CitationOut(BaseModel):
+    number: int = Field(description="How the reply cites it: [1], [2]...")
+    source: str
+    page: int | None
+    heading: str | None
+    similarity: float | None = Field(description="Cosine similarity to the question, 0-1, higher is better")
+    text: str
+
+
 class TurnOut(BaseModel):
     """One stored turn: the reply and its metrics (a failed or interrupted turn has `error` and no reply)."""
 
@@ -239,6 +248,12 @@ class TurnOut(BaseModel):
     trimmed_messages: int
     error: str | None
     cached: bool = Field(False, description="The reply came from the response cache (CALLBOT_RESPONSE_CACHE)")
+    citations: list[CitationOut] = Field(
+        default_factory=list, description="The passages the prompt used, numbered from 1 as the reply cites them ([1])"
+    )
+    low_relevance: bool | None = Field(
+        None, description="The best passage matched the question poorly; null when the persona retrieves nothing"
+    )
 
     @classmethod
     def of(cls, conversation_id: int, result: TurnResult) -> TurnOut:
@@ -247,7 +262,10 @@ class TurnOut(BaseModel):
             assistant_message_id=result.assistant_message_id, text=result.text, ttft_ms=result.ttft_ms,
             total_ms=result.total_ms, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
             tokens_per_s=result.tokens_per_s, trimmed_messages=result.trimmed_messages, error=result.error,
-            cached=result.cached,
+            cached=result.cached, low_relevance=result.low_relevance,
+            citations=[CitationOut(number=n, source=h.source, page=h.page, heading=h.heading,
+                                   similarity=h.similarity, text=h.text)
+                       for n, h in enumerate(result.citations, start=1)],
         )  # fmt: skip
 
 
@@ -334,6 +352,35 @@ async def search_conversations(
 
     hits = await run_in_threadpool(_search)
     return [SearchHitOut.model_validate(h) for h in hits]
+
+
+class SemanticHitOut(BaseModel):
+    model_config = READ_ATTRIBUTES
+
+    conversation_id: int
+    message_id: int
+    role: str
+    text: str
+    created_at: datetime
+    persona: str
+    similarity: float = Field(description="Cosine similarity to the query, 0-1, higher is closer in meaning")
+
+
+@router.get("/v1/conversations/semantic-search", response_model=list[SemanticHitOut])
+async def semantic_search_conversations(
+    ctx: Context,
+    actor: CurrentActor,
+    q: Annotated[PlainText, Query(min_length=1, max_length=2000, description="What the messages should mean")],
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+) -> list[SemanticHitOut]:
+    """Messages closest in meaning to `q` (the embedder), best first; new messages are indexed on the way."""
+    from callbot_core.knowledge.index import KnowledgeBase
+    from callbot_core.knowledge.semantic import semantic_search
+
+    hits = await run_in_threadpool(
+        lambda: semantic_search(KnowledgeBase(ctx.store, ctx.settings), q, actor=actor, limit=limit)
+    )
+    return [SemanticHitOut.model_validate(h) for h in hits]
 
 
 EXPORT_TYPES = {"jsonl": "application/jsonl", "csv": "text/csv; charset=utf-8"}

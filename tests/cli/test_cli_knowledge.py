@@ -1,0 +1,61 @@
+"""`callbot knowledge` as a new user runs it, on the shipped sample documents, the real embedding model and the real
+embedded LLM: a folder of mixed documents with a bad file among them, search as JSON, the evaluation, a persona that
+answers with citations, list and delete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+SAMPLES = Path(__file__).resolve().parents[2] / "data" / "knowledge"
+
+
+@pytest.mark.model
+def test_the_done_when_path(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run("db", "upgrade")
+    docs = tmp_path / "docs"
+    shutil.copytree(SAMPLES / "clinic", docs)
+    (docs / "scan.pdf").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 200)  # a JPEG named .pdf
+    (docs / "empty.txt").write_bytes(b"")
+
+    ingest = run("knowledge", "ingest", str(docs), "--collection", "clinic", ok=False)
+    assert ingest.returncode == 1  # some files were refused
+    refused = [line for line in ingest.stderr.splitlines() if line.startswith("refused")]
+    assert refused == [
+        "refused    empty.txt: empty file",
+        "refused    scan.pdf: not a PDF (the bytes are a JPEG image)",
+    ]
+    assert "Traceback" not in ingest.stderr
+    assert "6 ingested, 0 replaced, 0 unchanged, 2 refused" in ingest.stdout
+
+    found = json.loads(run("knowledge", "search", "How much is the fee if I miss my appointment?",
+                           "--collection", "clinic", "--k", "3", "--format", "json").stdout)  # fmt: skip
+    best = found["hits"][0]
+    assert (best["source"], best["page"], best["rank"]) == ("fees.pdf", 3, 1)
+    assert 0 < best["similarity"] <= 1 and found["low_relevance"] is False
+    assert set(best) == {"source", "page", "heading", "chunk_id", "similarity", "rank", "text"}
+
+    scored = json.loads(run("knowledge", "eval", str(SAMPLES / "clinic-questions.jsonl"), "--collection", "clinic",
+                            "--format", "json").stdout)  # fmt: skip
+    assert scored["questions"] == 20 and scored["answerable"] == 16
+    assert scored["recall_at_5"] >= 0.9 and scored["mrr"] >= 0.8
+    assert scored["unanswerable_flagged"] >= 3
+    rows = run("sql", "select collection, k, recall_at_k from retrieval_evals").stdout
+    assert "clinic" in rows
+
+    run("persona", "edit", "receptionist", "--knowledge", "clinic", "--knowledge-k", "2", "--max-tokens", "16")
+    chat = run("chat", "--persona", "receptionist", "--message", "Are you open on Saturday?")
+    assert "[retrieval " in chat.stdout and "[1] opening-hours.md" in chat.stdout
+    stages = run("sql", "select stage, ms from turn_stages order by position").stdout
+    assert "retrieve" in stages
+    used = run("sql", "select source, rank, similarity from retrievals").stdout
+    assert "opening-hours.md" in used
+
+    listed = json.loads(run("knowledge", "list", "--collection", "clinic", "--format", "json").stdout)
+    assert {d["source"]: d["pages"] for d in listed}["fees.pdf"] == 3
+    assert "Deleted faq.txt" in run("knowledge", "delete", "--collection", "clinic", "faq.txt").stdout
+    gone = run("knowledge", "delete", "--collection", "clinic", "faq.txt", ok=False)
+    assert gone.returncode == 1 and gone.stderr.strip() == "Error: Collection 'clinic' has no document 'faq.txt'"
