@@ -52,6 +52,11 @@ EMBED_BATCH = 64  # sentence-transformers' sweet spot on 2 cores; also bounds th
 
 Progress = Callable[[int, int, str], None]  # (files done, files in all, the file now being read)
 
+# The revision of each collection whose vectors this process last saw, by (store URL, vector collection name): a
+# revision moved by another process means its vectors changed behind this process's back (see `sync_vectors`).
+_seen_revisions: dict[tuple[str, str], int] = {}
+_seen_lock = threading.Lock()
+
 
 @dataclass(frozen=True, slots=True)
 class CollectionInfo:
@@ -216,6 +221,23 @@ class KnowledgeBase:
             raise NotFound(f"Unknown knowledge collection {name!r}")
         return row
 
+    def sync_vectors(self, collection: KnowledgeCollection) -> None:
+        """Before reading a collection's vectors: if another process changed them since this one last looked, have
+        the vector store see the change (an embedded Chroma keeps a stale index in memory otherwise)."""
+        key = (self.store.url, collection.vector_name)
+        with _seen_lock:
+            seen = _seen_revisions.get(key)
+            _seen_revisions[key] = collection.revision
+        if seen is not None and seen != collection.revision:
+            reload = getattr(self.vectors, "reload", None)
+            if reload is not None:
+                reload()
+
+    def saw_revision(self, vector_name: str, revision: int) -> None:
+        """This process wrote the collection up to `revision`: its own change needs no reload."""
+        with _seen_lock:
+            _seen_revisions[(self.store.url, vector_name)] = revision
+
     def check_embedder(self, collection: KnowledgeCollection) -> None:
         """Refuse a collection made by another embedder than the configured one: its vectors and the query's would
         not be comparable."""
@@ -292,10 +314,11 @@ class KnowledgeBase:
             info = _document_info(collection, doc)
             chunk_ids = list(session.scalars(select(KnowledgeChunk.id).where(KnowledgeChunk.document_id == doc.id)))
             session.delete(doc)
-            _bump(session, row.id)
+            revision = _bump(session, row.id)
             record(session, "knowledge.document_delete", actor=actor.username, target=f"{collection}/{source}")
             vector_name = row.vector_name
         self.vectors.delete(vector_name, [str(i) for i in chunk_ids])
+        self.saw_revision(vector_name, revision)
         return info
 
     def ingest(
@@ -421,7 +444,7 @@ class KnowledgeBase:
                 ]
                 session.add_all(rows)
                 session.flush()
-                _bump(session, collection.id)
+                revision = _bump(session, collection.id)
                 record(
                     session,
                     "knowledge.ingest",
@@ -442,6 +465,7 @@ class KnowledgeBase:
             raise
         if old_ids:
             self._forget(collection.vector_name, [str(i) for i in old_ids])
+        self.saw_revision(collection.vector_name, revision)
         return IngestOutcome(source, status, len(chunks))
 
     def _forget(self, vector_name: str, ids: list[str]) -> None:
@@ -504,12 +528,14 @@ def _refused(source: str, reason: str) -> IngestOutcome:
     return IngestOutcome(source, "refused", error=f"{source}: {reason}")
 
 
-def _bump(session: Session, collection_id: int) -> None:
+def _bump(session: Session, collection_id: int) -> int:
+    """Move the collection's revision (in the caller's transaction); returns the new one."""
     session.execute(
         update(KnowledgeCollection)
         .where(KnowledgeCollection.id == collection_id)
         .values(revision=KnowledgeCollection.revision + 1)
     )
+    return int(session.scalar(select(KnowledgeCollection.revision).where(KnowledgeCollection.id == collection_id)))
 
 
 def _document_info(collection: str, d: KnowledgeDocument) -> DocumentInfo:

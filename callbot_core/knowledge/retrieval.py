@@ -180,6 +180,7 @@ def search(
         row = kb._collection_row(session, collection)
         session.expunge(row)
     kb.check_embedder(row)
+    kb.sync_vectors(row)
     candidates = max(k * 4, 20)
     query_vector = kb.embedder.embed([question])[0]
     vector_hits = kb.vectors.query(row.vector_name, query_vector, candidates)

@@ -79,6 +79,7 @@ def index_messages(kb: KnowledgeBase, progress: Callable[[int, int], None] | Non
     """Embed the messages stored since the last call; returns how many were added."""
     with _index_lock:  # two searches at once would embed the same new messages twice
         row = _collection(kb)
+        kb.sync_vectors(row)  # another process may have indexed messages since
         with kb.store.session() as session:
             pending = session.scalar(select(Message.id).where(Message.id > row.revision).limit(1))
             if pending is None:
@@ -100,6 +101,7 @@ def index_messages(kb: KnowledgeBase, progress: Callable[[int, int], None] | Non
                 session.execute(
                     update(KnowledgeCollection).where(KnowledgeCollection.id == row.id).values(revision=last)
                 )
+            kb.saw_revision(row.vector_name, last)
             added += len(batch)
             if progress is not None:
                 progress(added, total)
@@ -121,6 +123,7 @@ def semantic_search(
         raise InvalidInput(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {limit!r}")
     index_messages(kb, progress)
     row = _collection(kb)
+    kb.sync_vectors(row)
     vector = kb.embedder.embed([query])[0]
     found = kb.vectors.query(row.vector_name, vector, limit * 2)
     similarity: dict[int, float] = {}

@@ -114,6 +114,17 @@ def persistent_client(path: Path) -> ClientAPI:
         return client
 
 
+def reload_persistent_client(path: Path) -> None:
+    """Close the process's embedded client for `path`; the next call opens it again from disk. An embedded client
+    keeps each collection's index in memory and does not see vectors another process added since (measured: its
+    count moves, its queries do not)."""
+    key = str(path.resolve())
+    with _persistent_lock:
+        client = _persistent.pop(key, None)
+    if client is not None:
+        client.close()
+
+
 def close_persistent_clients() -> None:
     """Close every embedded client this process opened (each holds a few threads and files); stores reopen theirs
     on their next call. For test sessions that open many runtime folders, and for shutdown."""
@@ -322,6 +333,11 @@ class ChromaVectorStore:
             self._handles_client = None
         if client is not None:
             client.close()
+
+    def reload(self) -> None:
+        """See changes another process made: an embedded store reopens its folder; a server needs nothing."""
+        if self._path is not None:
+            reload_persistent_client(self._path)
 
     # --- internals --------------------------------------------------------------------------------------------
 
