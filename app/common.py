@@ -222,3 +222,32 @@ def wait_for_stored(stored: threading.Event, what: str) -> bool:
         with st.spinner(what):
             stored.wait(STOP_WAIT_S)
     return stored.is_set()
+
+
+def show_citations(citations: Sequence[Any], low_relevance: bool | None, retrieve_ms: float | None = None) -> None:
+    """Under a reply whose persona answers from documents: the passages it was given, numbered as it cites them
+    ([1]), each with its source, page and similarity; their text on demand. File names and passages are the
+    uploader's text: shown literally, never as Markdown or HTML."""
+    from app.rendering import plain_markdown
+
+    if low_relevance:
+        st.caption(
+            ":orange-badge[low relevance] The documents matched this question poorly: the reply may not come from them."
+        )
+    if not citations:
+        return
+    took = f" · retrieval {retrieve_ms:,.0f} ms" if retrieve_ms is not None else ""
+    lines = [
+        f"[{c.number}] {plain_markdown(c.label)}"
+        + ("" if c.similarity is None else f" · similarity {c.similarity:.2f}")
+        for c in citations
+    ]
+    st.caption(
+        "  \n".join(lines) + took, help="Similarity: how close the passage is to the question, 0-1, higher is better"
+    )
+    with st.expander("Passages", icon=":material/format_quote:"):
+        for c in citations:
+            st.caption(
+                f"[{c.number}] {plain_markdown(c.label)}" + (f" · {plain_markdown(c.heading)}" if c.heading else "")
+            )
+            st.text(c.text if c.text is not None else "(this passage's document was re-ingested or deleted since)")

@@ -238,7 +238,8 @@ def _remember_wanted_page() -> None:
 
 
 PAGE_PATHS = (
-    "chat", "compare", "conversations", "personas", "analytics", "dashboards", "leaderboard", "reports", "admin",
+    "chat", "compare", "conversations", "personas", "knowledge", "analytics", "dashboards", "leaderboard", "reports",
+    "admin",
 )  # fmt: skip
 
 
@@ -327,6 +328,7 @@ pages.append(
     st.Page(VIEWS / "conversations.py", title="Conversations", icon=":material/forum:", url_path="conversations")
 )
 pages.append(st.Page(VIEWS / "personas.py", title="Personas", icon=":material/person:", url_path="personas"))
+pages.append(st.Page(VIEWS / "knowledge.py", title="Knowledge", icon=":material/library_books:", url_path="knowledge"))
 pages.append(st.Page(VIEWS / "analytics.py", title="Analytics", icon=":material/query_stats:", url_path="analytics"))
 pages.append(st.Page(VIEWS / "dashboards.py", title="Dashboards", icon=":material/monitoring:", url_path="dashboards"))
 pages.append(st.Page(VIEWS / "leaderboard.py", title="Leaderboard", icon=":material/trophy:", url_path="leaderboard"))

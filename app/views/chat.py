@@ -33,6 +33,7 @@ from app.common import (
     safe_markdown,
     service,
     settings,
+    show_citations,
     store,
     version_picker,
     wait_for_stored,
@@ -291,6 +292,8 @@ with history:
                 st.markdown(safe_markdown(message.text))
                 if message.ttft_ms is not None:
                     _chips(message.ttft_ms, message.tokens_per_s, message.completion_tokens, message.total_ms)
+                if message.low_relevance is not None:
+                    show_citations(message.citations, message.low_relevance, message.retrieve_ms)
             continue
         state = _state(messages, index)
         _user_bubble(message.text, previous)

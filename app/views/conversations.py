@@ -21,6 +21,8 @@ from app.common import (
     metric_chips,
     run_action,
     safe_markdown,
+    settings,
+    show_citations,
     store,
 )
 from app.rendering import highlight, plain_markdown
@@ -58,7 +60,11 @@ with st.container(border=True):
         "Started between", (today - timedelta(days=30), today), max_value=today, key="conv_dates", format="YYYY-MM-DD"
     )
     status = filter_picker("Status", ["active", "ended"], key="conv_status", where=f4)
-    query = st.text_input("Search messages and summaries", key="conv_search", placeholder="a word from the call")
+    q1, q2 = st.columns([4, 1], vertical_alignment="bottom")
+    query = q1.text_input("Search messages and summaries", key="conv_search", placeholder="a word from the call")
+    by_meaning = q2.toggle(
+        "By meaning", key="conv_semantic", help="Find messages that mean the same, in other words (the embedder)"
+    )
 
 since = until = None
 if isinstance(dates, tuple | list) and len(dates) == 2:
@@ -67,7 +73,18 @@ if isinstance(dates, tuple | list) and len(dates) == 2:
 
 ids = None
 hits = []
-if query.strip():
+meaning_hits = []
+if query.strip() and by_meaning:
+    from callbot_core.knowledge.index import KnowledgeBase
+    from callbot_core.knowledge.semantic import semantic_search
+
+    try:
+        with st.spinner("Searching by meaning…"):
+            meaning_hits = semantic_search(KnowledgeBase(store(), settings()), query, actor=user, limit=SNIPPETS_SHOWN)
+    except CallbotError as exc:
+        st.warning(str(exc))
+    ids = sorted({h.conversation_id for h in meaning_hits})
+elif query.strip():
     try:
         hits = search(store(), query, limit=500)
     except CallbotError as exc:
@@ -91,7 +108,18 @@ rows = rows[:PAGE_SIZE]
 
 MISSING = "–"  # what an empty cell shows: "None" reads as if something were called None
 
-if query.strip():
+if query.strip() and by_meaning:
+    st.caption(
+        f"{len(meaning_hits)} message(s) closest in meaning to “{plain_markdown(query.strip())}”"
+        " (similarity 0-1, higher is closer)"
+    )
+    with st.expander("What was said", expanded=True):
+        for hit in meaning_hits:
+            st.markdown(
+                f"**#{hit.conversation_id}** · {hit.role} · similarity {hit.similarity:.2f} · "
+                + plain_markdown(hit.text[:300])
+            )
+elif query.strip():
     st.caption(f"{len(hits)} match(es) for “{plain_markdown(query.strip())}” in {len(ids or [])} conversation(s)")
     with st.expander("Where it was said", expanded=True):
         for hit in hits[:SNIPPETS_SHOWN]:
@@ -192,6 +220,8 @@ def show_messages(messages: list[MessageRow]) -> None:
                     st.markdown(f"{meta} " + metric_chips(m.ttft_ms, m.tokens_per_s, m.completion_tokens, m.total_ms))
                 else:
                     st.caption(meta)
+                if m.low_relevance is not None:
+                    show_citations(m.citations, m.low_relevance, m.retrieve_ms)
 
 
 @st.fragment(run_every=FOLLOW_EVERY_S)

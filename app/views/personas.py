@@ -27,9 +27,10 @@ from callbot_core.errors import CallbotError, InvalidInput
 from callbot_core.experiments.evals import load_suite, parse_suite, run_suite
 from callbot_core.experiments.evals.runner import format_params
 from callbot_core.experiments.evals.suite import suite_files
+from callbot_core.knowledge.index import KnowledgeBase
 from callbot_core.personas.cards import export_card, import_card
 from callbot_core.personas.catalog import PersonaSummary, all_personas, parse_persona_ref
-from callbot_core.personas.fields import MAX_TOKENS, TEMPERATURE, TOP_P
+from callbot_core.personas.fields import KNOWLEDGE_K, MAX_TOKENS, TEMPERATURE, TOP_P
 from callbot_core.personas.variables import prompt_variables
 from callbot_core.personas.versions import (
     archive_persona,
@@ -53,6 +54,9 @@ BACKEND_DEFAULT = "(backend default)"  # no model stored: the backend's default 
 CLONED = re.compile(r"^cloned from (\S+@\d+)$")  # the note clone_persona gives a clone's version 1
 
 user = current_user()
+NO_COLLECTION = "(none)"
+# Collections a version may name; the engine checks the name, the page offers only those that exist.
+collection_names = [c.name for c in KnowledgeBase(store(), get_settings()).collections(actor=user)]
 may_edit = allowed("persona.edit")
 may_promote = allowed("persona.promote")
 st.title("Personas")
@@ -203,6 +207,12 @@ with view_tab:
                 ("model", current.model or "(backend default)"),
                 ("voice", current.voice or ""),
                 ("tags", ", ".join(current.tags)),
+                ("knowledge collection", current.knowledge_collection or "(none)"),
+                ("passages per turn (k)", current.knowledge_k),
+                (
+                    "low-relevance threshold",
+                    "(configured)" if current.knowledge_threshold is None else current.knowledge_threshold,
+                ),
             ],  # fmt: skip
             columns=["setting", "value"],
         ).astype(str),
@@ -276,6 +286,21 @@ if may_edit:
             c6, c7 = st.columns([1, 2])
             voice = c6.text_input("Voice", current.voice or "", key=_pe("voice"))
             tag_text = c7.text_input("Tags (comma separated)", ", ".join(current.tags), key=_pe("tags"))
+            k1, k2, k3 = st.columns([2, 1, 1])
+            collection = k1.selectbox(
+                "Knowledge collection", [NO_COLLECTION, *collection_names],
+                index=([NO_COLLECTION, *collection_names].index(current.knowledge_collection)
+                       if current.knowledge_collection in collection_names else 0),
+                key=_pe("collection"), help="Each turn retrieves passages from it; the reply cites them",
+            )  # fmt: skip
+            knowledge_k = k2.number_input(
+                "Passages (k)", int(KNOWLEDGE_K.low), int(KNOWLEDGE_K.high), int(current.knowledge_k), key=_pe("k")
+            )
+            threshold = k3.number_input(
+                "Low relevance under", 0.0, 1.0,
+                float(current.knowledge_threshold if current.knowledge_threshold is not None
+                      else get_settings().knowledge_low_relevance), 0.05, key=_pe("threshold"),
+            )  # fmt: skip
             note = st.text_input("What changed", key=_pe("note"))
             if st.form_submit_button("Save as a new version"):
                 _act(
@@ -297,6 +322,13 @@ if may_edit:
                         "model": model,
                         "voice": voice.strip() or None,
                         "tags": [t.strip() for t in tag_text.split(",") if t.strip()],
+                        "knowledge_collection": None if collection == NO_COLLECTION else collection,
+                        "knowledge_k": int(knowledge_k),
+                        # Left to the configured default unless it was set or is changed here.
+                        "knowledge_threshold": None
+                        if current.knowledge_threshold is None
+                        and abs(threshold - get_settings().knowledge_low_relevance) < 1e-9
+                        else float(threshold),
                     },
                     actor=user,
                     note=note,

@@ -107,12 +107,13 @@ class _KeywordIndex:
         return [self.chunk_ids[int(i)] for i, s in zip(indices[0], scores[0], strict=True) if s > 0]
 
 
-_indexes: dict[tuple[str, int], tuple[int, _KeywordIndex]] = {}
+# By store and the collection's vector name, which is never reused: SQLite hands a deleted collection's id out again.
+_indexes: dict[tuple[str, str], tuple[int, _KeywordIndex]] = {}
 _indexes_lock = threading.Lock()
 
 
 def keyword_index(store: Store, collection: KnowledgeCollection) -> _KeywordIndex:
-    key = (store.url, collection.id)
+    key = (store.url, collection.vector_name)
     with _indexes_lock:
         cached = _indexes.get(key)
         if cached is not None and cached[0] == collection.revision:

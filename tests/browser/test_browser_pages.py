@@ -15,10 +15,11 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.skipif(MISSING is not None and not IN_CI, reason=MISSING or "")
 
-PAGES = ("chat", "compare", "conversations", "personas", "analytics", "dashboards", "leaderboard", "reports", "admin")
+PAGES = ("chat", "compare", "conversations", "personas", "knowledge", "analytics", "dashboards", "leaderboard",
+         "reports", "admin")  # fmt: skip
 HEADINGS = {"chat": "Chat", "compare": "Compare", "conversations": "Conversations", "personas": "Personas",
-            "analytics": "Analytics", "dashboards": "Dashboards", "leaderboard": "Leaderboard", "reports": "Reports",
-            "admin": "Admin"}  # fmt: skip
+            "knowledge": "Knowledge", "analytics": "Analytics", "dashboards": "Dashboards",
+            "leaderboard": "Leaderboard", "reports": "Reports", "admin": "Admin"}  # fmt: skip
 
 
 def _plant(app: RunningApp) -> None:
