@@ -126,3 +126,10 @@ def test_semantic_search_over_http(api: Api) -> None:
         assert hits[0]["conversation_id"] == conversation["id"] and "dentist" in hits[0]["text"]
         assert 0 <= hits[0]["similarity"] <= 1
         assert c.get("/v1/conversations/semantic-search", params={"q": ""}).status_code == 422
+
+
+def test_backends_health_includes_the_vector_store(api: Api) -> None:
+    with api.client(api.key()) as c:
+        health = {b["name"]: b for b in c.get("/v1/health/backends").json()}
+    assert health["vectors.chroma"]["ok"] is True
+    assert health["vectors.chroma"]["where"].endswith("chroma")  # the embedded folder under the runtime dir

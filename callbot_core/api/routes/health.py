@@ -11,6 +11,7 @@ from sqlalchemy import text
 from callbot_core.api.auth import Context, CurrentActor
 from callbot_core.api.errors import ERROR_RESPONSES
 from callbot_core.backends.llm import llm_backends
+from callbot_core.backends.vectors import get_vector_store
 
 router = APIRouter(tags=["health"])
 
@@ -46,7 +47,8 @@ async def health(ctx: Context) -> Health | JSONResponse:
 
 @router.get("/v1/health/backends", response_model=list[BackendHealth], responses=ERROR_RESPONSES)
 async def backends_health(ctx: Context, actor: CurrentActor) -> list[BackendHealth]:
-    """Each LLM backend's health as it answers now (a backend that is down says so; it is not an error)."""
+    """Each LLM backend's health as it answers now, then the vector store's (a backend that is down says so; it is
+    not an error)."""
 
     def _check() -> list[BackendHealth]:
         out = []
@@ -56,6 +58,17 @@ async def backends_health(ctx: Context, actor: CurrentActor) -> list[BackendHeal
                 out.append(BackendHealth(name=name, ok=h.ok, where=h.where, detail=h.detail))
             except Exception as exc:  # a backend that cannot even be built is unhealthy, with its reason
                 out.append(BackendHealth(name=name, ok=False, where="", detail=str(exc).splitlines()[0][:300]))
+        out.append(_vector_store_health())
         return out
+
+    def _vector_store_health() -> BackendHealth:
+        # The knowledge collections' vector store: the configured one (embedded Chroma, or a Chroma server).
+        name = f"vectors.{ctx.settings.vector_store}"
+        try:
+            store = get_vector_store(settings=ctx.settings)
+            store.health()
+            return BackendHealth(name=name, ok=True, where=store.where, detail="answers")
+        except Exception as exc:
+            return BackendHealth(name=name, ok=False, where="", detail=str(exc).splitlines()[0][:300])
 
     return await run_in_threadpool(_check)
