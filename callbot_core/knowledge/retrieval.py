@@ -102,20 +102,41 @@ class _KeywordIndex:
         words = [w for w in words if w in vocab]
         if not words:
             return []
-        k = min(k, len(self.chunk_ids))
-        indices, scores = self._bm25.retrieve([words], k=k, show_progress=False, n_threads=1)
-        return [self.chunk_ids[int(i)] for i, s in zip(indices[0], scores[0], strict=True) if s > 0]
+        import numpy as np
+
+        # Scored here rather than by bm25s' retrieve(): that partitions all the scores, most of them exactly 0, which
+        # took ~3 ms of a ~25 ms query at 100,000 passages; only the chunks sharing a word need ranking.
+        scores = self._bm25.get_scores(words)
+        found = np.flatnonzero(scores > 0)
+        if len(found) > k:
+            found = found[np.argpartition(scores[found], -k)[-k:]]
+        best = found[np.argsort(-scores[found], kind="stable")]
+        return [self.chunk_ids[int(i)] for i in best]
 
 
 # By store and the collection's vector name, which is never reused: SQLite hands a deleted collection's id out again.
 _indexes: dict[tuple[str, str], tuple[int, _KeywordIndex]] = {}
-_indexes_lock = threading.Lock()
+_indexes_lock = threading.Lock()  # guards the dict only
+_build_locks: dict[tuple[str, str], threading.Lock] = {}
 
 
 def keyword_index(store: Store, collection: KnowledgeCollection) -> _KeywordIndex:
+    """The collection's BM25 index at its current revision. Building one takes seconds at 100,000 passages, so it is
+    built under a lock of the collection's own: searches of other collections go on, and searches of this one keep
+    the index they had (an older revision) until the new one is ready, rather than all waiting."""
     key = (store.url, collection.vector_name)
     with _indexes_lock:
         cached = _indexes.get(key)
+        build_lock = _build_locks.setdefault(key, threading.Lock())
+    if cached is not None and cached[0] == collection.revision:
+        return cached[1]
+    if cached is not None and not build_lock.acquire(blocking=False):
+        return cached[1]  # another thread is building the new revision's index
+    if cached is None:
+        build_lock.acquire()
+    try:
+        with _indexes_lock:
+            cached = _indexes.get(key)
         if cached is not None and cached[0] == collection.revision:
             return cached[1]
         with store.session() as session:
@@ -125,8 +146,11 @@ def keyword_index(store: Store, collection: KnowledgeCollection) -> _KeywordInde
                 .order_by(KnowledgeChunk.id)
             ).all()
         index = _KeywordIndex([r.id for r in rows], [f"{r.heading or ''}\n{r.text}" for r in rows])
-        _indexes[key] = (collection.revision, index)
+        with _indexes_lock:
+            _indexes[key] = (collection.revision, index)
         return index
+    finally:
+        build_lock.release()
 
 
 # -- search ---------------------------------------------------------------------------------------------------

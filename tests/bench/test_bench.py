@@ -84,3 +84,26 @@ def test_eval_throughput_runs_both_modes() -> None:
     expected = r["cases_per_s_concurrent"] / r["cases_per_s_sequential"]
     assert r["concurrency_speedup"] == pytest.approx(expected, rel=0.05, abs=0.002)
     assert r["peak_rss_mb"] > 50
+
+
+@pytest.mark.model
+def test_knowledge_reports_ingest_query_and_turn_figures() -> None:
+    r = _result(
+        "knowledge.py", "--chunks", "2000", "--ingest-docs", "2", "--slice-docs", "1", "--paragraphs", "4",
+        "--queries", "10", "--rounds", "1",
+    )  # fmt: skip
+    keys = {
+        "ingest_vs_raw_ratio", "ingest_chunks_per_s", "raw_chunks_per_s", "query_p50_ms_100k", "query_p95_ms_100k",
+        "embed_p50_ms", "bm25_build_s_100k", "retrieval_ttft_overhead_ms", "passages_prompt_ms", "peak_rss_mb",
+    }  # fmt: skip
+    assert keys <= r.keys()
+    assert r["chunks"] == 2000 and r["ingest_chunks"] > 0
+    assert r["ingest_vs_raw_ratio"] > 0 and r["ingest_chunks_per_s"] > 0 and r["raw_chunks_per_s"] > 0
+    assert 0 < r["ingest_encode_share"] <= 1
+    assert 0 < r["query_p50_ms_100k"] <= r["query_p95_ms_100k"] and r["embed_p50_ms"] > 0
+    assert r["bm25_build_s_100k"] > 0 and r["retrieve_stage_p50_ms"] > 0
+    # The overhead is a difference of two medians (it may come out negative); both TTFTs are real.
+    assert r["ttft_retrieval_ms"] > 0 and r["ttft_static_ms"] > 0
+    assert r["retrieval_ttft_overhead_ms"] == pytest.approx(r["ttft_retrieval_ms"] - r["ttft_static_ms"], abs=0.01)
+    assert r["passages_prompt_ms"] == pytest.approx(r["ttft_static_fresh_ms"] - r["ttft_plain_fresh_ms"], abs=0.01)
+    assert r["peak_rss_mb"] > 100
