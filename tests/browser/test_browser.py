@@ -68,8 +68,11 @@ def test_chat_end_to_end(page: Page, app: RunningApp) -> None:
     expect(page.get_by_role("heading", name="Chat", exact=True)).to_be_visible()
     screenshot(page, "02_signed_in_chat")
 
-    # Receptionist is the default persona; the selectbox shows it before anything is chosen.
-    expect(page.get_by_role("combobox", name="Persona")).to_have_value("Clinic receptionist (receptionist)")
+    # Receptionist is the default persona; the selectbox shows it before anything is chosen. While a rerun is drawing,
+    # Streamlit keeps the previous run's elements (faded) beside the new ones until the run ends: wait for one.
+    persona = page.get_by_role("combobox", name="Persona")
+    expect(persona).to_have_count(1)
+    expect(persona).to_have_value("Clinic receptionist (receptionist)")
     click_button(page, "New conversation")
     expect(chat_input(page)).to_be_visible()
     expect(page.get_by_text(re.compile(r"Conversation \d+ · receptionist@"))).to_be_visible()
