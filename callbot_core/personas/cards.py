@@ -45,6 +45,20 @@ CARD_KEPT_FIELDS = {
 CARD_SPEC = "chara_card_v2"
 
 
+# The version settings a card carries under data.extensions.callbot, written on export and read back on import.
+CALLBOT_SETTINGS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "stop_words",
+    "backend",
+    "model",
+    "voice",
+    "knowledge_collection",
+    "knowledge_k",
+    "knowledge_threshold",
+)
+
 def export_card(store: Store, ref: str) -> dict[str, Any]:
     """A Character Card V2 dict for `ref`; our settings go under data.extensions.callbot."""
     with store.session() as session:
@@ -72,16 +86,8 @@ def export_card(store: Store, ref: str) -> dict[str, Any]:
             "callbot": {
                 "key": v.persona.key,
                 "version": v.version,
-                "temperature": v.temperature,
-                "top_p": v.top_p,
-                "max_tokens": v.max_tokens,
+                **{name: getattr(v, name) for name in CALLBOT_SETTINGS},
                 "stop_words": list(v.stop_words or []),
-                "backend": v.backend,
-                "model": v.model,
-                "voice": v.voice,
-                "knowledge_collection": v.knowledge_collection,
-                "knowledge_k": v.knowledge_k,
-                "knowledge_threshold": v.knowledge_threshold,
             },
         }
         return {"spec": CARD_SPEC, "spec_version": "2.0", "data": data}
@@ -146,18 +152,7 @@ def _card_fields(data: dict[str, Any]) -> dict[str, Any]:
         "card_extensions": extensions,
         "card_fields": {f: data[f] for f in CARD_KEPT_FIELDS if data.get(f) not in (None, "", [])},
     }
-    for name in (
-        "temperature",
-        "top_p",
-        "max_tokens",
-        "stop_words",
-        "backend",
-        "model",
-        "voice",
-        "knowledge_collection",
-        "knowledge_k",
-        "knowledge_threshold",
-    ):
+    for name in CALLBOT_SETTINGS:
         if name in ours:
             fields[name] = ours[name]
     try:
