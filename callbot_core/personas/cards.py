@@ -59,6 +59,7 @@ CALLBOT_SETTINGS = (
     "knowledge_threshold",
 )
 
+
 def export_card(store: Store, ref: str) -> dict[str, Any]:
     """A Character Card V2 dict for `ref`; our settings go under data.extensions.callbot."""
     with store.session() as session:
