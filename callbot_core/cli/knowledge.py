@@ -38,8 +38,9 @@ def ingest_cmd(paths: tuple[Path, ...], collection: str, chunk_size: int | None,
     A changed file replaces its passages; an unchanged one is skipped. Bad files are listed with the reason, the
     others are ingested, and the command exits 1 if any file was refused.
     """
-    from callbot_core.knowledge.index import files_from_paths
+    from callbot_core.knowledge.index import check_collection_name, files_from_paths
 
+    check_collection_name(collection)  # a bad name is the first thing to hear, before any file is looked at
     kb, actor = _kb()
     files, refused = files_from_paths(paths)
     outcomes = list(refused)

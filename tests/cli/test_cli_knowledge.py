@@ -99,5 +99,7 @@ def test_the_done_when_path(run, callbot, tmp_path: Path) -> None:  # type: igno
     listed = json.loads(callbot("knowledge", "list", "--collection", "clinic", "--format", "json").stdout)
     assert {d["source"]: d["pages"] for d in listed}["fees.pdf"] == 3
     assert "Deleted faq.txt" in callbot("knowledge", "delete", "--collection", "clinic", "faq.txt").stdout
+    bad_name = callbot("knowledge", "ingest", "/nonexistent", "--collection", "Bad Name", ok=False)
+    assert bad_name.returncode == 1 and "collection name" in bad_name.stderr and "refused" not in bad_name.stderr
     gone = callbot("knowledge", "delete", "--collection", "clinic", "faq.txt", ok=False)
     assert gone.returncode == 1 and gone.stderr.strip() == "Error: Collection 'clinic' has no document 'faq.txt'"
